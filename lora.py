@@ -67,6 +67,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))  # (out, rank)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT: U(+-1/sqrt(in))
         self.dropout = nn.Dropout(dropout)  # acts only in train mode
+        self.train(base.training)  # injected into an eval() model, stay in eval mode
         self.merged = False    # W currently holds W + scale B A (set only by merge()/unmerge())
         self.disabled = False  # W x alone (set only by lora_disabled())
 
