@@ -120,3 +120,272 @@ def test_disabled_flag_and_bf16_base_with_fp32_adapters():
     assert layer.weight.grad is None
     layer.disabled = True
     assert torch.equal(layer(x), F.linear(x, base.weight))
+
+
+# ----------------------------------------------------------------------------- on a Llama
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+from llama import PRESETS, Llama, hf_to_meta_name, save_hf  # noqa: E402
+from lora import (add_lora, count_parameters, load_adapter, lora_disabled, lora_layers,  # noqa: E402
+                  lora_state_dict, merge_lora, save_adapter, unmerge_lora)
+
+TINY = PRESETS["tiny"]
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return Llama(TINY).eval()
+
+
+def tokens(seed=1, B=2, T=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY.vocab_size, (B, T), generator=g)
+
+
+def randomize_B(model, std=0.05, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, m in lora_layers(model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
+
+
+def test_add_lora_B_zero_equals_base_and_counts():
+    model, x = tiny(), tokens()
+    base_logits = model(x)
+    total0 = count_parameters(model)[1]
+    params = add_lora(model, rank=4, alpha=16, dropout=0.1)
+    # independent count: rank * (in + out) for wq, wk, wv, wo of every layer (wk, wv are GQA-narrow)
+    hd = TINY.dim // TINY.n_heads
+    kv = TINY.n_kv_heads * hd
+    want = TINY.n_layers * 4 * ((TINY.dim + TINY.dim) + 2 * (TINY.dim + kv) + (TINY.dim + TINY.dim))
+    assert sum(p.numel() for p in params) == want
+    assert count_parameters(model) == (want, total0 + want)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+    assert not any(m.training for _, _, m in lora_layers(model)), "injected layers follow the model's mode"
+    assert torch.equal(model(x), base_logits)  # B = 0: exactly the base model (eval: no dropout)
+    model.train()
+    assert torch.equal(model(x), base_logits)  # B = 0: dropout on the LoRA path changes nothing either
+    mlp = tiny()
+    add_lora(mlp, rank=2, targets=("wq", "wv", "w1", "w2", "w3"))
+    assert sorted({t for _, t, _ in lora_layers(mlp)}) == ["w1", "w2", "w3", "wq", "wv"]
+    with pytest.raises(ValueError, match="unknown LoRA targets"):
+        add_lora(tiny(), targets=("q_proj",))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        add_lora(model)
+
+
+def test_optimizer_step_changes_only_A_and_B():
+    model, x = tiny(), tokens()
+    params = add_lora(model, rank=4, alpha=16, dropout=0.1)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    for _ in range(2):  # step 1: grad A = 0 because B = 0; step 2 moves A too
+        logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, TINY.vocab_size), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert not torch.equal(p, before[n]), f"{n} did not move"
+        else:
+            assert p.grad is None, f"{n} got a gradient"
+            assert torch.equal(p, before[n]), f"{n} changed"
+
+
+def test_adapters_off_equals_base_and_eval_never_merges():
+    model, x = tiny(), tokens()
+    base_logits = model(x)
+    add_lora(model, rank=4, alpha=16, dropout=0.1)
+    randomize_B(model)
+    lora_logits = model(x)
+    assert not torch.allclose(lora_logits, base_logits, atol=1e-3)
+    with lora_disabled(model):
+        assert torch.equal(model(x), base_logits)
+    assert torch.equal(model(x), lora_logits)  # flags restored on exit
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model.eval()
+    assert not any(m.merged for _, _, m in lora_layers(model))
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), lora_logits)
+
+
+def test_model_merge_unmerge():
+    model, x = tiny(), tokens()
+    add_lora(model, rank=4, alpha=16)
+    randomize_B(model)
+    logits = model(x)
+    W0 = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_lora(model)
+    assert torch.allclose(model(x), logits, atol=1e-5, rtol=0)  # fp32; logits are O(0.1)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with lora_disabled(model):
+            pass
+    unmerge_lora(model)
+    for k, v in model.state_dict().items():  # one rounding of W + dW: within an ulp of |W| + |dW| ~ 0.1
+        assert torch.allclose(v, W0[k], atol=0.5 * EPS32, rtol=2 * EPS32), k
+    assert torch.allclose(model(x), logits, atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip(tmp_path):
+    model, x = tiny(), tokens()
+    base_dir = tmp_path / "base"
+    save_hf(model, str(base_dir))
+    add_lora(model, rank=4, alpha=16, dropout=0.1)
+    randomize_B(model)
+    want = model(x)
+    save_adapter(model, str(tmp_path / "adapter"), base_model_name_or_path="tiny")
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    # 1) into a fresh base model loaded from the same base weights: LoRA layers get injected
+    fresh = Llama.from_pretrained(str(base_dir)).eval()
+    load_adapter(fresh, str(tmp_path / "adapter"))
+    assert torch.equal(fresh(x), want)
+    assert count_parameters(fresh) == count_parameters(model)
+    assert {m.dropout.p for _, _, m in lora_layers(fresh)} == {0.1}
+    # 2) into a model that already has (different) LoRA layers of the same shape
+    other = tiny()
+    add_lora(other, rank=4, alpha=16, dropout=0.1)
+    load_adapter(other, str(tmp_path / "adapter"))
+    assert torch.equal(other(x), want)
+
+
+def test_peft_file_layout(tmp_path):
+    model = tiny()
+    add_lora(model, rank=4, alpha=16, dropout=0.1, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    save_adapter(model, str(tmp_path), base_model_name_or_path="org/tiny")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["task_type"], cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["bias"]) \
+        == ("LORA", "CAUSAL_LM", 4, 16, 0.1, "none")
+    assert cfg["base_model_name_or_path"] == "org/tiny"
+    assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"])
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert len(sd) == TINY.n_layers * 7 * 2 and not any("default" in k for k in sd)
+    p = "base_model.model.model.layers.1"
+    hd = TINY.dim // TINY.n_heads
+    assert sd[f"{p}.self_attn.q_proj.lora_A.weight"].shape == (4, TINY.dim)
+    assert sd[f"{p}.self_attn.k_proj.lora_B.weight"].shape == (TINY.n_kv_heads * hd, 4)
+    assert sd[f"{p}.mlp.gate_proj.lora_B.weight"].shape == (TINY.hidden_dim, 4)
+    assert sd[f"{p}.mlp.down_proj.lora_A.weight"].shape == (4, TINY.hidden_dim)
+    m = model.layers[1].feed_forward
+    assert torch.equal(sd[f"{p}.mlp.gate_proj.lora_A.weight"], m.w1.lora_A)
+    assert torch.equal(sd[f"{p}.mlp.up_proj.lora_A.weight"], m.w3.lora_A)
+    assert set(sd) == set(lora_state_dict(model))
+
+
+def peft_adapter(tmp_path, r=2, alpha=8, targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"),
+                 key_fmt="base_model.model.model.layers.{i}.{mod}.lora_{ab}.weight", seed=3):
+    """An adapter as PEFT would write it, built only from the HF names and shapes (not from lora.py)."""
+    shapes = {"q_proj": ("self_attn", TINY.dim, TINY.dim), "v_proj": ("self_attn", TINY.dim, TINY.dim // 2),
+              "gate_proj": ("mlp", TINY.dim, TINY.hidden_dim), "up_proj": ("mlp", TINY.dim, TINY.hidden_dim),
+              "down_proj": ("mlp", TINY.hidden_dim, TINY.dim)}
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(TINY.n_layers):
+        for t in targets:
+            block, d_in, d_out = shapes[t]
+            sd[key_fmt.format(i=i, mod=f"{block}.{t}", ab="A")] = torch.randn(r, d_in, generator=g) * 0.1
+            sd[key_fmt.format(i=i, mod=f"{block}.{t}", ab="B")] = torch.randn(d_out, r, generator=g) * 0.1
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05,
+           "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False, "modules_to_save": None}
+    os.makedirs(tmp_path, exist_ok=True)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+    save_file(sd, str(tmp_path / "adapter_model.safetensors"))
+    return sd, cfg
+
+
+def test_peft_adapter_gives_merged_weight_logits(tmp_path):
+    """A PEFT adapter means W_hf <- W_hf + (alpha/r) B A on each named module (PEFT's merge). Do that merge
+    in float64 on the state dict through llama.py's own HF name table, and compare with load_adapter."""
+    sd, cfg = peft_adapter(tmp_path)
+    x = tokens()
+    merged = tiny()
+    state = merged.state_dict()
+    for k in sd:
+        if ".lora_A." in k:
+            hf = k.replace("base_model.model.", "", 1).replace(".lora_A.weight", ".weight")
+            name = hf_to_meta_name(hf)
+            B = sd[k.replace(".lora_A.", ".lora_B.")]
+            state[name] = (state[name].double() + (8 / 2) * B.double() @ sd[k].double()).float()
+    merged.load_state_dict(state)
+    model = tiny()
+    load_adapter(model, str(tmp_path))
+    assert sorted({t for _, t, _ in lora_layers(model)}) == ["w1", "w2", "w3", "wq", "wv"]
+    # same math, two orders of fp32 rounding; logits are O(0.1): 1e-5 absolute is ~100 ulps of slack
+    assert torch.allclose(model(x), merged(x), atol=1e-5, rtol=0)
+    # keys that keep PEFT's adapter name, and the older .bin format, load the same
+    d2 = tmp_path / "named"
+    peft_adapter(d2, key_fmt="base_model.model.model.layers.{i}.{mod}.lora_{ab}.default.weight")
+    (d2 / "adapter_model.safetensors").rename(d2 / "x")
+    from safetensors.torch import load_file
+    torch.save(load_file(str(d2 / "x")), str(d2 / "adapter_model.bin"))
+    m2 = tiny()
+    load_adapter(m2, str(d2))
+    assert torch.equal(m2(x), model(x))
+
+
+def test_7b_preset_on_meta_device_counts():
+    with torch.device("meta"):
+        policy, value = Llama(PRESETS["llama-7b"]), Llama(PRESETS["llama-7b"])
+    assert count_parameters(policy) == (6_738_415_616, 6_738_415_616)
+    p = add_lora(policy, rank=8, alpha=64, dropout=0.1)
+    v = add_lora(value, rank=8, alpha=64, dropout=0.1)
+    assert all(t.is_meta for t in p)
+    assert sum(t.numel() for t in p) == 8_388_608  # 32 layers x 4 x 8 x (4096 + 4096)
+    assert count_parameters(policy) == (8_388_608, 6_738_415_616 + 8_388_608)
+    assert sum(t.numel() for t in p + v) == 16_777_216  # + value head 4096 + 1 = the paper's 16.7M
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(tiny(), str(tmp_path / "nowhere"))
+    peft_adapter(tmp_path / "noweights")
+    os.remove(tmp_path / "noweights" / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors nor adapter_model.bin"):
+        load_adapter(tiny(), str(tmp_path / "noweights"))
+
+    def broken(name, edit_cfg=None, edit_sd=None):
+        d = tmp_path / name
+        sd, cfg = peft_adapter(d)
+        if edit_cfg:
+            edit_cfg(cfg)
+            (d / "adapter_config.json").write_text(json.dumps(cfg))
+        if edit_sd:
+            edit_sd(sd)
+            from safetensors.torch import save_file
+            save_file(sd, str(d / "adapter_model.safetensors"))
+        model = tiny()
+        with pytest.raises(ValueError) as e:
+            load_adapter(model, str(d))
+        assert lora_layers(model) == [], "a failed load must leave the model untouched"
+        return str(e.value)
+
+    msg = broken("rank", edit_cfg=lambda c: c.update(r=4))
+    assert "adapter_model.safetensors" in msg and "lora_A.weight" in msg and "r=4" in msg
+    msg = broken("target", edit_cfg=lambda c: c.update(target_modules=["q_proj", "query_key_value"]))
+    assert "adapter_config.json" in msg and "target_modules" in msg and "query_key_value" in msg
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    msg = broken("shape", edit_sd=lambda sd: sd.update({key: torch.zeros(TINY.dim + 1, 2)}))
+    assert key in msg and f"({TINY.dim + 1}, 2)" in msg
+    extra = "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"
+    msg = broken("extra", edit_sd=lambda sd: sd.update({extra: torch.zeros(2, TINY.dim)}))
+    assert extra in msg and "unexpected" in msg
+    msg = broken("missing", edit_sd=lambda sd: sd.pop(key))
+    assert key in msg and "missing" in msg
+    msg = broken("dora", edit_cfg=lambda c: c.update(use_dora=True))
+    assert "use_dora" in msg
+    msg = broken("type", edit_cfg=lambda c: c.update(peft_type="IA3"))
+    assert "peft_type" in msg
+    peft_adapter(tmp_path / "good")
+    model = tiny()
+    add_lora(model, rank=4)
+    with pytest.raises(ValueError, match="r=2.*model's LoRA layers have r=\\{4\\}"):
+        load_adapter(model, str(tmp_path / "good"))
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        save_adapter(tiny(), str(tmp_path / "none"))
