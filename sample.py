@@ -3,11 +3,13 @@ Sample completions from a LLaMA checkpoint (Hugging Face or Meta layout), batche
 
     python sample.py --checkpoint DIR --prompt "Name three primary colors."
     python sample.py --checkpoint DIR --prompts eval.json --temperature 0 --out outputs.json
+    python sample.py --checkpoint SFT_DIR --adapter ADAPTER_DIR --merge --prompt "Name three primary colors."
 
 --prompts takes a JSON list of strings or of {"instruction", "input"} records (AlpacaEval / AlpacaFarm);
 --out writes a JSON list of {"instruction", "input", "output", "generator"} records, which AlpacaEval reads.
 With --template alpaca (the default) each prompt is wrapped in the Alpaca template the SFT models were
-trained on. --temperature 0 is greedy decoding, as the paper's evaluation.
+trained on. --temperature 0 is greedy decoding, as the paper's evaluation. --adapter loads a PEFT LoRA
+adapter (ours or one trained with PEFT on the same base); --merge folds it into W first (faster decoding).
 """
 import argparse
 import json
@@ -17,6 +19,7 @@ import sys
 import torch
 
 from llama import Llama, Tokenizer, alpaca_prompt, generate, left_pad
+from lora import count_parameters, load_adapter, merge_lora
 
 
 def read_prompts(args):
@@ -57,7 +60,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write AlpacaEval JSON records here")
     p.add_argument("--generator", help="name in the 'generator' field (default: the checkpoint's name)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter directory (adapter_config.json + weights) for --checkpoint")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the weights before sampling")
     args = p.parse_args(argv)
+    if args.merge and not args.adapter:
+        raise ValueError("--merge needs --adapter")
 
     records = read_prompts(args)
     tok_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model")
@@ -66,6 +73,12 @@ def main(argv=None):
     model = Llama.from_pretrained(args.checkpoint, device=args.device, dtype=dtype).eval()
     if tokenizer.n_words > model.cfg.vocab_size:
         raise ValueError(f"{tok_path} has {tokenizer.n_words} tokens but the model only {model.cfg.vocab_size}")
+    if args.adapter:  # A, B kept in fp32 so a bf16 merge rounds W + dW once, not dW first
+        load_adapter(model, args.adapter, lora_dtype=torch.float32)
+        if args.merge:
+            merge_lora(model)
+        print(f"adapter {args.adapter}: {count_parameters(model)[0]:,} LoRA parameters"
+              f"{', merged into W' if args.merge else ''}", flush=True)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     name = args.generator or os.path.basename(os.path.normpath(args.checkpoint))
 

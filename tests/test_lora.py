@@ -181,13 +181,15 @@ def test_optimizer_step_changes_only_A_and_B():
     params = add_lora(model, rank=4, alpha=16, dropout=0.1)
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     for _ in range(2):  # step 1: grad A = 0 because B = 0; step 2 moves A too
         logits = model(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, TINY.vocab_size), x[:, 1:].reshape(-1))
-        opt.zero_grad()
+        for p in params:
+            p.grad = None
         loss.backward()
-        opt.step()
+        with torch.no_grad():  # a plain SGD step (any torch.optim class first imports ~3 s of torch._dynamo)
+            for p in params:
+                p -= 0.5 * p.grad
     for n, p in model.named_parameters():
         if "lora_" in n:
             assert not torch.equal(p, before[n]), f"{n} did not move"
@@ -389,3 +391,46 @@ def test_clear_errors(tmp_path):
         load_adapter(model, str(tmp_path / "good"))
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_adapter(tiny(), str(tmp_path / "none"))
+
+
+# ----------------------------------------------------------------------------- sample.py --adapter
+
+def test_sample_script_with_adapter(tmp_path):
+    """Greedy samples with the adapter applied unmerged and merged are the same (the errors of a bad adapter
+    dir are tested in-process above; sample.py prints them as one line)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import sentencepiece as spm
+    words = "the cat sat on a mat while dogs ran far away from home and we sing songs".split()
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(words[i] for i in torch.randint(0, len(words), (12,),
+                                                                                           generator=g))
+                                                 for _ in range(200)))
+    (tmp_path / "ck").mkdir()
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "ck" / "tokenizer"),
+                                   vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2)
+    torch.manual_seed(0)
+    model = Llama(dataclasses.replace(TINY, vocab_size=300))
+    save_hf(model, str(tmp_path / "ck"))
+    add_lora(model, rank=4, alpha=16)
+    randomize_B(model, std=0.5)
+    save_adapter(model, str(tmp_path / "adapter"))
+
+    def run(*extra):
+        out = tmp_path / f"out{len(extra)}.json"
+        args = ["--checkpoint", str(tmp_path / "ck"), "--prompt", "the cat", "--max-new-tokens", "6",
+                "--temperature", "0", "--template", "none", "--out", str(out), *extra]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), *args], capture_output=True,
+                           text=True, cwd=root, timeout=120)
+        return r, out
+
+    r, out = run("--adapter", str(tmp_path / "adapter"))
+    assert r.returncode == 0, r.stderr
+    assert f"{count_parameters(model)[0]:,} LoRA parameters" in r.stdout
+    r2, out2 = run("--adapter", str(tmp_path / "adapter"), "--merge")
+    assert r2.returncode == 0 and "merged into W" in r2.stdout, r2.stderr
+    text, text2 = json.loads(out.read_text())[0]["output"], json.loads(out2.read_text())[0]["output"]
+    assert text and text == text2, (text, text2)
