@@ -46,8 +46,10 @@ class LoRALinear(nn.Module):
 
     A and B live in `lora_dtype` (default: W's dtype). With bf16 weights pass torch.float32: an Adam step
     of lr 1e-5 on an A entry of ~1/sqrt(4096) = 0.016 is a relative change of ~6e-4, below bf16's
-    resolution (2^-8 = 3.9e-3), so bf16 A/B would silently drop most updates. The LoRA path itself is
-    computed in the input's dtype (A, B cast on the fly; the cast is differentiable, grads land in fp32).
+    resolution (2^-8 = 3.9e-3); measured, 75% of a 4096-wide bf16 A stays unchanged after such a step.
+    The LoRA path itself is computed in the input's dtype (A, B cast on the fly; the cast is
+    differentiable, so the gradients land in fp32 A, B and the fp32 A, B are the optimizer's master copy).
+    A merged layer is for inference: it skips the LoRA path, so A and B get no gradient.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, lora_dtype=None):
@@ -73,10 +75,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):  # x (..., in) -> (..., out)
         y = F.linear(x, self.weight, self.bias)
-        if self.disabled:
-            assert not self.merged, "adapters are merged into W; unmerge() before disabling them"
-            return y
-        if self.merged:
+        if self.disabled or self.merged:  # W x alone, or W already holds W + scale B A
+            assert not (self.disabled and self.merged), "adapters are merged into W; unmerge() before disabling"
             return y
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., rank)
         return y + self.scale * F.linear(h, self.lora_B.to(x.dtype))
@@ -93,7 +93,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self):
-        """W <- W - (alpha/rank) B A. Restores W up to one rounding of W + dW (exact in real arithmetic)."""
+        """W <- W - (alpha/rank) B A: W back up to rounding (within an ulp of |W| + |dW| in W's dtype)."""
         assert self.merged, "unmerge() without merge()"
         self.weight -= self.delta_weight().to(self.weight.dtype)
         self.merged = False

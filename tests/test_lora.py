@@ -1,12 +1,19 @@
 """Numerical oracles for lora.py: Eq. 1 against float64, exact invariants, PEFT files, 7B parameter counts."""
+import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import LoRALinear
+from llama import PRESETS, Llama, hf_to_meta_name, save_hf
+from lora import (LoRALinear, add_lora, count_parameters, load_adapter, lora_disabled, lora_layers,
+                  lora_state_dict, merge_lora, save_adapter, unmerge_lora)
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -123,13 +130,6 @@ def test_disabled_flag_and_bf16_base_with_fp32_adapters():
 
 
 # ----------------------------------------------------------------------------- on a Llama
-
-import json  # noqa: E402
-import os  # noqa: E402
-
-from llama import PRESETS, Llama, hf_to_meta_name, save_hf  # noqa: E402
-from lora import (add_lora, count_parameters, load_adapter, lora_disabled, lora_layers,  # noqa: E402
-                  lora_state_dict, merge_lora, save_adapter, unmerge_lora)
 
 TINY = PRESETS["tiny"]
 
@@ -398,10 +398,6 @@ def test_clear_errors(tmp_path):
 def test_sample_script_with_adapter(tmp_path):
     """Greedy samples with the adapter applied unmerged and merged are the same (the errors of a bad adapter
     dir are tested in-process above; sample.py prints them as one line)."""
-    import dataclasses
-    import subprocess
-    import sys
-
     import sentencepiece as spm
     words = "the cat sat on a mat while dogs ran far away from home and we sing songs".split()
     g = torch.Generator().manual_seed(0)
