@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from llama import PRESETS, Llama, hf_to_meta_name, save_hf
 from lora import (LoRALinear, add_lora, count_parameters, load_adapter, lora_disabled, lora_layers,
@@ -265,7 +266,6 @@ def test_peft_file_layout(tmp_path):
     assert cfg["base_model_name_or_path"] == "org/tiny"
     assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"])
-    from safetensors.torch import load_file
     sd = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert len(sd) == TINY.n_layers * 7 * 2 and not any("default" in k for k in sd)
     p = "base_model.model.model.layers.1"
@@ -297,7 +297,6 @@ def peft_adapter(tmp_path, r=2, alpha=8, targets=("q_proj", "v_proj", "gate_proj
            "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False, "modules_to_save": None}
     os.makedirs(tmp_path, exist_ok=True)
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    from safetensors.torch import save_file
     save_file(sd, str(tmp_path / "adapter_model.safetensors"))
     return sd, cfg
 
@@ -325,7 +324,6 @@ def test_peft_adapter_gives_merged_weight_logits(tmp_path):
     d2 = tmp_path / "named"
     peft_adapter(d2, key_fmt="base_model.model.model.layers.{i}.{mod}.lora_{ab}.default.weight")
     (d2 / "adapter_model.safetensors").rename(d2 / "x")
-    from safetensors.torch import load_file
     torch.save(load_file(str(d2 / "x")), str(d2 / "adapter_model.bin"))
     m2 = tiny()
     load_adapter(m2, str(d2))
@@ -360,7 +358,6 @@ def test_clear_errors(tmp_path):
             (d / "adapter_config.json").write_text(json.dumps(cfg))
         if edit_sd:
             edit_sd(sd)
-            from safetensors.torch import save_file
             save_file(sd, str(d / "adapter_model.safetensors"))
         model = tiny()
         with pytest.raises(ValueError) as e:
