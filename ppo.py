@@ -10,6 +10,7 @@ Plain functions over tensors plus two loop functions; the train script owns mode
 Responses are right-padded: `mask` (B, N) is 1 on response tokens up to and including EOS, then 0.
 Tests: python -m pytest tests/test_ppo.py
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +183,9 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
             ref_model=None, generator=None):
     """Sample responses to left-padded prompts (B, P) and score them; returns (batch, stats).
 
+    kl_coef is the current beta (cfg.kl_coef, or the adaptive controller's value); eos_id None = no EOS.
+    batch holds prompts, prompt_mask (B, P), responses, mask (B, N) and, per response token, logprobs,
+    ref_logprobs, values, rewards, advantages, returns (B, N), 0 on padding; and score (B,).
     The reference policy is the policy with its adapters off (lora.lora_disabled) unless a separate
     ref_model is given; ref_model, value_model and reward_model may sit on other devices (tensors are
     moved explicitly). All models are put in eval mode: no LoRA dropout while sampling and scoring.
@@ -191,7 +195,7 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
             m.eval()
     dev, B, P = prompts.device, prompts.shape[0], prompts.shape[1]
 
-    # 1. generate y ~ pi_theta(. | x), in chunks; responses right-padded to a common length N
+    # 1a. generate y ~ pi_theta(. | x), in chunks; responses right-padded to a common length N
     chunks = []
     for i in range(0, B, cfg.generate_batch_size):
         out, out_mask, _ = llama.generate(policy, prompts[i:i + cfg.generate_batch_size],
@@ -206,12 +210,12 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
     tokens = torch.cat([prompts, responses], 1)                                                # (B, P+N)
     full_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
 
-    # 2-4. one forward per model over prompt + response, in micro-batches so that the (b, N, V) logits of
+    # 1b-d. one forward per model over prompt + response, in micro-batches so that the (b, N, V) logits of
     # policy and reference live only for one chunk
     logprobs, ref_logprobs, true_kl, entropy, values, score = [], [], [], [], [], []
     for i in range(0, B, cfg.micro_batch_size):
         s = slice(i, i + cfg.micro_batch_size)
-        # 2. log pi_old(y_t | x, y_<t) and log pi_ref(y_t | x, y_<t), fp32
+        # 1b. log pi_old(y_t | x, y_<t) and log pi_ref(y_t | x, y_<t), fp32
         logits = response_logits(policy, tokens[s], full_mask[s], P, cfg.temperature)        # (b, N, V)
         if ref_model is None:
             with lora.lora_disabled(policy):
@@ -225,27 +229,28 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
         true_kl.append(divergences.kl_true(logits, ref_logits, mask[s]))                     # (b, N)
         entropy.append(entropy_from_logits(logits))
         del logits, ref_logits
-        # 3. values V(x, y_<t), read from the hidden state just before token t
+        # 1c. values V(x, y_<t), read from the hidden state just before token t
         vdev = _device(value_model)
         v = value_model.values(tokens[s].to(vdev), full_mask[s].to(vdev))                     # (b, P+N)
         values.append(v[:, P - 1:-1].float().to(dev))
-        # 4. reward-model score r(x, y) at the last real token (positions from the mask)
+        # 1d. reward-model score r(x, y) at the last real token (positions from the mask)
         rdev = _device(reward_model)
         score.append(reward_model(tokens[s].to(rdev), full_mask[s].to(rdev)).float().to(dev))
     logprobs, ref_logprobs, true_kl, entropy, values, score = (
         torch.cat(x) for x in (logprobs, ref_logprobs, true_kl, entropy, values, score))
     raw_score = score
-    has_eos = ((responses == eos_id) & mask.bool()).any(1)                                    # (B,)
-    if cfg.no_eos_penalty is not None:
+    has_eos = (((responses == eos_id) & mask.bool()).any(1) if eos_id is not None
+               else torch.zeros(B, dtype=torch.bool, device=dev))                             # (B,)
+    if cfg.no_eos_penalty is not None:       # responses that never stopped get a fixed, bad score
         score = torch.where(has_eos, score, torch.full_like(score, cfg.no_eos_penalty))
 
-    # 5. Eq. 3 shaped rewards, optionally scaled by their std (mean kept), as the reference
+    # 2. Eq. 3 shaped rewards, optionally scaled by their std (mean kept), as the reference
     fmask = mask.float()
     rewards, penalty = shape_rewards(score, logprobs, ref_logprobs, fmask, kl_coef, cfg.estimator)
     shaped = rewards
     if cfg.whiten_rewards:
         rewards = whiten(rewards, fmask, shift_mean=False)
-    # 6. GAE; returns before, advantages after whitening
+    # 3. GAE; returns before, advantages after whitening
     advantages, returns = gae(rewards, values * fmask, fmask, cfg.gamma, cfg.lam)
 
     batch = dict(prompts=prompts, prompt_mask=prompt_mask, responses=responses, mask=mask,
@@ -301,7 +306,7 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
                 mb_logprobs = logprobs_from_logits(logits, batch["responses"][mb])
                 vpred = value_model.values(tokens[mb].to(vdev), full_mask[mb].to(vdev))[:, P - 1:-1]
                 vpred = vpred.float().to(dev)
-                # Eq. 2 and the clipped value loss
+                # 4. Eq. 2 and the clipped value loss
                 pg_loss, pg_stats = policy_loss(mb_logprobs, batch["logprobs"][mb], batch["advantages"][mb],
                                                 mb_mask, cfg.cliprange)
                 vf_loss, vf_stats = value_loss(vpred, batch["values"][mb], batch["returns"][mb], mb_mask,
@@ -318,9 +323,14 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
                 for k, v in dict(loss=loss.item(), pg_loss=pg_loss.item(), vf_loss=vf_loss.item(),
                                  entropy=ent, **pg_stats, **vf_stats).items():
                     step_stats[k] = step_stats.get(k, 0.0) + w * v
+            # 5. one optimizer step on the step batch: (all-reduce), joint clip, update
             if sync_grads is not None:
                 sync_grads()
-            step_stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"ppo_update: gradient norm is {grad_norm} at epoch {epoch}, "
+                                         f"optimizer step {n_steps}")
+            step_stats["grad_norm"] = grad_norm
             optimizer.step()
             n_steps += 1
             for k, v in step_stats.items():

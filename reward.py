@@ -144,7 +144,7 @@ class ValueModel(nn.Module):
         """tokens, mask (B, T) -> values (B, T) fp32; values[:, i] is read from the hidden state at i, i.e.
         it is V of the prefix tokens[:, :i+1] and so V(x, y_<t) for the token at i + 1."""
         h = self.backbone.hidden(tokens, mask).float()                             # (B, T, dim)
-        return self.value_head(h).squeeze(-1)
+        return F.linear(h, self.value_head.weight.float(), self.value_head.bias.float()).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- stage 2
