@@ -129,6 +129,17 @@ def test_value_model():
     torch.testing.assert_close(v[1, 3:], alone[0], rtol=0, atol=1e-5)
 
 
+def test_value_model_from_reward_checkpoint(tmp_path):
+    rm = tiny_reward_model()
+    rm.save(str(tmp_path / "rm"))
+    value = reward.ValueModel.from_reward_model(str(tmp_path / "rm"), rank=2, alpha=4, dropout=0.0).eval()
+    tokens, mask = llama.left_pad(random_seqs([5, 3]))
+    with torch.no_grad():
+        torch.testing.assert_close(value.backbone.hidden(tokens, mask), rm.backbone.hidden(tokens, mask),
+                                   rtol=0, atol=0)      # the reward model's backbone; fresh adapters change nothing
+    assert not hasattr(value, "reward_head") and (value.value_head.weight == 0).all()
+
+
 def test_train_reward_model_learns_a_preference():
     # preferred responses contain token 7; the held-out accuracy must rise from chance to (almost) 1
     g = torch.Generator().manual_seed(0)
@@ -144,4 +155,4 @@ def test_train_reward_model_learns_a_preference():
     before = reward.preference_accuracy(model, held_out)
     acc = reward.train_reward_model(model, train, held_out, epochs=4, lr=3e-3, batch_size=16)
     # 64 held-out pairs: a model at chance (0.5) reaches 0.9 with probability < 1e-10
-    assert acc >= 0.9, (before, acc)
+    assert before < 0.75 and acc >= 0.9, (before, acc)
