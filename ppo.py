@@ -10,6 +10,7 @@ Plain functions over tensors plus two loop functions; the train script owns mode
 Responses are right-padded: `mask` (B, N) is 1 on response tokens up to and including EOS, then 0.
 Tests: python -m pytest tests/test_ppo.py
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -194,6 +195,7 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
         if m is not None:
             m.eval()
     dev, B, P = prompts.device, prompts.shape[0], prompts.shape[1]
+    shared = getattr(reward_model, "backbone", None) is getattr(value_model, "backbone", False)
 
     # 1a. generate y ~ pi_theta(. | x), in chunks; responses right-padded to a common length N
     chunks = []
@@ -233,9 +235,11 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
         vdev = _device(value_model)
         v = value_model.values(tokens[s].to(vdev), full_mask[s].to(vdev))                     # (b, P+N)
         values.append(v[:, P - 1:-1].float().to(dev))
-        # 1d. reward-model score r(x, y) at the last real token (positions from the mask)
+        # 1d. reward-model score r(x, y) at the last real token (positions from the mask). On one device
+        # the value model may be built on the reward model's own backbone; its adapters are then off here.
         rdev = _device(reward_model)
-        score.append(reward_model(tokens[s].to(rdev), full_mask[s].to(rdev)).float().to(dev))
+        with lora.lora_disabled(reward_model) if shared else contextlib.nullcontext():
+            score.append(reward_model(tokens[s].to(rdev), full_mask[s].to(rdev)).float().to(dev))
     logprobs, ref_logprobs, true_kl, entropy, values, score = (
         torch.cat(x) for x in (logprobs, ref_logprobs, true_kl, entropy, values, score))
     raw_score = score

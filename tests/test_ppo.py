@@ -243,6 +243,22 @@ def test_rollout_matches_per_sequence_forwards():
     torch.testing.assert_close(batch2["ref_logprobs"], batch["ref_logprobs"], atol=1e-5, rtol=0)
 
 
+def test_reward_model_sharing_the_value_backbone_scores_without_value_adapters():
+    policy, _, _ = tiny_models()
+    rm = reward.RewardModel(llama.get_preset("tiny"))
+    toks, mask = prompts(4)
+    cfg = small_cfg(temperature=0.0)
+    with torch.no_grad():
+        _, ref_stats = ppo.rollout(policy, reward.ValueModel(copy.deepcopy(rm).backbone), rm, toks, mask, cfg,
+                                   0.02, eos_id=None)
+    value = reward.ValueModel(rm.backbone, rank=4, alpha=8, dropout=0.0)   # one backbone for both
+    for m in value.modules():
+        if isinstance(m, lora.LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.5)
+    _, stats = ppo.rollout(policy, value, rm, toks, mask, cfg, 0.02, eos_id=None)
+    assert stats["score"] == ref_stats["score"]
+
+
 def test_no_eos_penalty_replaces_the_score():
     policy, value, _ = tiny_models()
     toks, mask = prompts(8)
