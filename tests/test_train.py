@@ -1,0 +1,151 @@
+"""train.py: two-rank torchrun on CPU (gloo), exact resume, --dry-run for LLaMA-7B, and bad input."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import llama
+from reward import RewardModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=96, max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny SFT checkpoint with its tokenizer, a tiny reward model and a prompts file."""
+    import sentencepiece as spm
+    d = tmp_path_factory.mktemp("train")
+    words = "red blue green cat dog sun moon sort count copy reverse the words".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (6,), generator=g)) for _ in range(200)]
+    (d / "text.txt").write_text("\n".join(lines + [llama.alpaca_prompt("x", "y")]))
+    (d / "policy").mkdir()
+    spm.SentencePieceTrainer.train(input=str(d / "text.txt"), model_prefix=str(d / "policy" / "tokenizer"),
+                                   vocab_size=CFG.vocab_size, model_type="bpe", byte_fallback=True, minloglevel=2)
+    torch.manual_seed(0)
+    llama.save_hf(llama.Llama(CFG), str(d / "policy"))
+    torch.manual_seed(1)
+    RewardModel(CFG).save(str(d / "reward"))
+    records = [{"instruction": f"Sort the words: {l}", "input": ""} for l in lines[:40]]
+    (d / "prompts.json").write_text(json.dumps(records))
+    return d
+
+
+def base_args(d, out, *extra):
+    return ["--policy", str(d / "policy"), "--reward", str(d / "reward"), "--prompts", str(d / "prompts.json"),
+            "--out", str(out), "--rollout-batch-size", "8", "--step-batch-size", "4", "--micro-batch-size", "2",
+            "--max-new-tokens", "6", "--steps", "3", "--save-every", "1", "--lr", "1e-3", "--estimator", "js",
+            *extra]
+
+
+def run(args, torchrun=False, nproc=1):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+           if torchrun else [sys.executable]) + [os.path.join(ROOT, "train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+
+
+def metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+DETERMINISTIC = ("score", "penalty", "true_kl", "response_length", "loss", "pg_loss", "vf_loss", "grad_norm")
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = run(base_args(setup, full, "--steps", "4"))
+    assert r.returncode == 0, r.stderr
+    # the same run, killed (SIGKILL) as soon as its first checkpoint is published, then resumed
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *base_args(setup, part, "--steps", "4")],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = part / "checkpoint" / "state.pt"
+    while not state.exists() and p.poll() is None:
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+    killed_at = torch.load(state, weights_only=True)["step"]
+    r = run(base_args(setup, part, "--steps", "4", "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {part}/checkpoint at step {killed_at}" in r.stdout
+    a, b = metrics(full), metrics(part)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a, b):
+        for k in DETERMINISTIC:
+            assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
+    from safetensors.torch import load_file
+    wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_ranks_keep_identical_weights(setup, tmp_path):
+    out = tmp_path / "ddp"
+    r = run(base_args(setup, out, "--steps", "2"), torchrun=True, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    rng = [torch.load(out / "checkpoint" / f"rng-rank{i}.pt", weights_only=True) for i in (0, 1)]
+    assert not torch.equal(rng[0]["gen_rng"], rng[1]["gen_rng"])  # the ranks sampled different rollouts
+    # each rank reports its own trainable weights' checksum in the log: they must agree
+    sums = [l.split(" (rank")[0] for l in r.stdout.splitlines() if l.startswith("trainable checksum")]
+    assert len(set(sums)) == 1 and len(sums) == 2, r.stdout
+    assert len(metrics(out)) == 2 and state["step"] == 2
+
+
+def test_dry_run_7b():
+    r = run(["--preset", "llama-7b", "--dry-run"])
+    assert r.returncode == 0, r.stderr
+    assert "policy LoRA 8,388,608 + value LoRA 8,388,608 + value head 4097 = 16,781,313 trainable" in r.stdout
+    # two-device: policy + value in bf16 = 2 x 6,738,415,616 x 2 bytes (value keeps the unused LM head)
+    assert f"{2 * 6_738_415_616 * 2 / 2**30:8.2f}" in r.stdout
+    assert "one-device" in r.stdout and "two-device" in r.stdout
+
+
+BAD = {"estimator": "valid names: kl, clamped_kl", "no_prompts": "does not exist", "bad_record": "record 1",
+       "missing_ckpt": "no weights", "divide": "not divisible", "device": "does not exist on this machine",
+       "partial_args": "together", "resume_nothing": "is missing", "nan": "stopped at PPO step 1, the checkpoint of step 0"}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_clear_message(setup, tmp_path, case):
+    import train
+    args = base_args(setup, tmp_path / "o")
+    if case == "estimator":
+        args += ["--estimator", "kll"]
+    elif case == "no_prompts":
+        args[args.index("--prompts") + 1] = str(tmp_path / "none.json")
+    elif case == "bad_record":
+        (tmp_path / "p.jsonl").write_text('{"instruction": "a"}\n{"input": "b"}\n')
+        args[args.index("--prompts") + 1] = str(tmp_path / "p.jsonl")
+    elif case == "missing_ckpt":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "config.json").write_text((setup / "policy" / "config.json").read_text())
+        (tmp_path / "empty" / "tokenizer.model").write_bytes((setup / "policy" / "tokenizer.model").read_bytes())
+        args[args.index("--policy") + 1] = str(tmp_path / "empty")
+    elif case == "divide":
+        args += ["--step-batch-size", "3"]
+    elif case == "device":
+        args += ["--devices", "cuda:7"]
+    elif case == "partial_args":
+        args = args[2:]
+    elif case == "resume_nothing":
+        args += ["--resume"]
+    else:
+        args += ["--lr", "1e30"]  # weights of 1e30 overflow the next forward
+    threads = torch.get_num_threads()
+    with pytest.raises((ValueError, FileNotFoundError, FloatingPointError), match=BAD[case]):
+        train.main(args)
+    torch.set_num_threads(threads)
+    if case == "nan":  # the weights of the last finished step were saved, and the run can resume from them
+        assert torch.load(tmp_path / "o" / "checkpoint" / "state.pt", weights_only=True)["step"] == 0
+
+
+def test_bad_input_is_one_line_on_the_command_line(setup, tmp_path):
+    r = run(base_args(setup, tmp_path / "o", "--estimator", "kll"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: unknown divergence"), r.stderr
