@@ -150,26 +150,28 @@ def dry_run(args, devices):
     wbytes = 2 if gpu else 4  # frozen weights: bf16 on GPU, fp32 on CPU
     frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
     trainable = sum(lora.count_parameters(m)[0] for m in (policy, value))
-    policy_lora = lora.count_parameters(policy)[0]
-    print(f"policy LoRA {policy_lora:,} + value LoRA {lora.count_parameters(value.backbone)[0]:,} + value head "
-          f"{value.value_head.weight.numel() + value.value_head.bias.numel()} = {trainable:,} trainable of "
-          f"{frozen(policy) + trainable:,} ({100 * trainable / (frozen(policy) + trainable):.2f}%)")
+    base = frozen(policy)
+    print(f"policy LoRA {lora.count_parameters(policy)[0]:,} + value LoRA {lora.count_parameters(value.backbone)[0]:,}"
+          f" + value head {value.value_head.weight.numel() + value.value_head.bias.numel()} = {trainable:,} "
+          f"trainable, {100 * trainable / base:.3f}% of the {base:,} parameters of the base model")
     train_b = trainable * (4 + 4 + 8)  # fp32 weights, fp32 grads, Adam's two fp32 moments
     base_b = (frozen(policy) + frozen(value)) * wbytes
     names = [str(d) for d in devices] if len(devices) == 2 else (["cuda:0", "cuda:1"] if gpu else ["cpu", "cpu"])
     print(f"{'placement':12s} {'device':8s} {'holds':48s} {'weights':>8s} {'trainable+grads+Adam':>21s}  (GiB)")
     print(f"{'two-device':12s} {names[0]:8s} {'policy + LoRA, value + LoRA + head':48s} {gib(base_b)} {gib(train_b):>21s}")
-    print(f"{'':12s} {names[1]:8s} {'reference, reward model':48s} {gib((frozen(policy) + frozen(reward)) * wbytes)}")
+    print(f"{'':12s} {names[1]:8s} {'reference, reward model':48s} "
+          f"{gib((base + sum(p.numel() for p in reward.parameters())) * wbytes)}")
     print(f"{'one-device':12s} {names[0]:8s} {'policy (= reference), value (= reward) + heads':48s} "
           f"{gib(base_b + 4 * wbytes)} {gib(train_b):>21s}")
-    # activations, rough: KV cache of generation; per layer ~34 s b h bytes in 16 bit with a fused attention
-    # kernel (Korthikanti et al. 2022, Eq. 2 without the score matrix), plus fp32 logits twice
+    # activations: the KV cache of one generation chunk, exactly; for training an upper bound of ~34 s b h bytes
+    # per layer in 16 bit (Korthikanti et al. 2022 without the score matrix, which SDPA never stores) plus fp32
+    # logits twice. Frozen linear layers need not save their inputs, so LoRA training stores less than this.
     T = args.max_prompt_tokens + args.max_new_tokens
     b = args.micro_batch_size
-    kv = 2 * pcfg.n_layers * 64 * T * (pcfg.n_kv_heads or pcfg.n_heads) * (pcfg.dim // pcfg.n_heads) * wbytes
+    kv = 2 * pcfg.n_layers * ppo.PPOConfig.generate_batch_size * T * (pcfg.n_kv_heads or pcfg.n_heads) * (pcfg.dim // pcfg.n_heads) * wbytes
     act = 2 * (pcfg.n_layers * 34 * T * b * pcfg.dim * wbytes // 2 + 2 * b * args.max_new_tokens * pcfg.vocab_size * 4)
-    print(f"activations: KV cache for 64 sequences x {T} tokens {gib(kv).strip()} GiB; training micro-batch of "
-          f"{b} x {T} tokens (policy + value) ~{gib(act).strip()} GiB")
+    print(f"activations: KV cache for {ppo.PPOConfig.generate_batch_size} sequences x {T} tokens {gib(kv).strip()} "
+          f"GiB; training micro-batch of {b} x {T} tokens (policy + value) at most ~{gib(act).strip()} GiB")
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -100,9 +100,14 @@ def test_two_ranks_keep_identical_weights(setup, tmp_path):
 def test_dry_run_7b():
     r = run(["--preset", "llama-7b", "--dry-run"])
     assert r.returncode == 0, r.stderr
-    assert "policy LoRA 8,388,608 + value LoRA 8,388,608 + value head 4097 = 16,781,313 trainable" in r.stdout
-    # two-device: policy + value in bf16 = 2 x 6,738,415,616 x 2 bytes (value keeps the unused LM head)
-    assert f"{2 * 6_738_415_616 * 2 / 2**30:8.2f}" in r.stdout
+    assert ("policy LoRA 8,388,608 + value LoRA 8,388,608 + value head 4097 = 16,781,313 trainable, 0.249% of the "
+            "6,738,415,616 parameters") in r.stdout
+    lines = r.stdout.splitlines()
+    row = lambda prefix: next(l for l in lines if l.startswith(prefix)).split()
+    # bf16 weights: policy + value on the first GPU, reference + reward model (+ its 4097-parameter head) on the
+    # second (both keep the unused LM head, as AlpacaFarm's files do); trainable: fp32 weight, grad, 2 Adam moments
+    assert row("two-device")[-2:] == [f"{2 * 6_738_415_616 * 2 / 2**30:.2f}", f"{16_781_313 * 16 / 2**30:.2f}"]
+    assert row("             cuda:1")[-1] == f"{(2 * 6_738_415_616 + 4097) * 2 / 2**30:.2f}"
     assert "one-device" in r.stdout and "two-device" in r.stdout
 
 
