@@ -1,0 +1,147 @@
+"""
+Benchmark (not a test): how fast llama.py generates and trains, on random weights of a preset.
+
+    python bench.py                      # CPU, fp32, preset "small" (~106M parameters), 256 new tokens
+    python bench.py --device cuda        # bf16 by default on a GPU
+    python bench.py --repeats 3 --threads 2 --budget 300
+
+Measures, after a warm-up, the best wall time of --repeats runs (as timeit does: interference from other
+processes only ever adds time) of
+  1. generation with llama.generate at batch 1 and 16 from a 16-token prompt, with the KV cache and
+     without (use_cache=False re-runs the whole sequence each step). eos_id=None, so every run generates
+     exactly --new-tokens tokens; tokens/s counts new tokens. Without the cache a run of N new tokens
+     pushes B * S(N) tokens through the layers, S(N) = (N + 1) * P + N * (N + 1) / 2 for a P-token prompt
+     (generate also computes the state after the last token). When that is estimated to take longer than
+     --budget seconds (from a timed forward pass of the full length), N is halved until it fits; the row
+     says the N measured, its cached row is measured at the same N, and a line under the table extrapolates
+     to --new-tokens by the ratio of S, labelled as an estimate.
+  2. forward + backward (cross-entropy on next tokens) at batch 8 x 256 tokens: the full model trainable,
+     then LoRA rank 8 on wq, wk, wv, wo (lora.add_lora, alpha 64, dropout 0.1) with the rest frozen.
+Prints a markdown table. Random N(0, 0.02) weights: the speed does not depend on the values.
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llama import Llama, generate, get_preset
+from lora import add_lora, count_parameters
+
+
+def hardware(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def best_time(fn, repeats, device):
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def S(n, p):  # tokens per row that generate(use_cache=False) pushes through the layers for n new tokens
+    return (n + 1) * p + n * (n + 1) // 2
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Generation and training speed of llama.py on random weights.")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on GPU")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="generation batch sizes")
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per row; the best is reported")
+    ap.add_argument("--budget", type=float, default=300.0, help="max estimated seconds of one no-cache run")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cfg = get_preset(args.preset)
+    torch.manual_seed(0)
+    model = Llama(cfg).to(device=device, dtype=dtype).eval()
+    P, N, V = args.prompt_len, args.new_tokens, cfg.vocab_size
+    print(f"# {hardware(device)}; {args.preset}: {count_parameters(model)[1] / 1e6:.1f}M parameters, "
+          f"{str(dtype).removeprefix('torch.')}, best of {args.repeats}; load average {os.getloadavg()[0]:.2f}")
+    rows, notes = [], []
+    t_start = time.perf_counter()
+
+    # 1. generation: new tokens per second, with and without the KV cache
+    for B in args.batches:
+        prompt = torch.randint(V, (B, P), device=device)
+        mask = torch.ones_like(prompt)
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def run(n, use_cache):
+            generate(model, prompt, mask, n, temperature=1.0, eos_id=None, generator=gen, use_cache=use_cache)
+
+        run(8, True)  # warm-up: allocator, thread pool, kernels
+        with torch.no_grad():  # warm-up of the no-cache path and the basis of its time estimate
+            t_full = best_time(lambda: model.hidden(torch.randint(V, (B, P + N), device=device)), 1, device)
+        n = N
+        while n > 8 and t_full * S(n, P) / (P + N) > args.budget:
+            n //= 2  # a pass over P + N tokens overestimates the shorter passes: a conservative estimate
+        t_cache = best_time(lambda: run(n, True), args.repeats, device)
+        t_none = best_time(lambda: run(n, False), args.repeats, device)
+        rows.append(("generate, KV cache", B, n, t_cache, B * n / t_cache, ""))
+        rows.append(("generate, no cache", B, n, t_none, B * n / t_none, f"{t_none / t_cache:.1f}x"))
+        if n < N:
+            notes.append(f"Estimate, not measured: generate, no cache, batch {B}, {N} new tokens would take about "
+                         f"{t_none:.3g} s x S({N}) / S({n}) = {t_none * S(N, P) / S(n, P):.3g} s, "
+                         f"S(N) = (N + 1) * {P} + N * (N + 1) / 2 tokens per row (attention's quadratic part ignored).")
+
+    # 2. training: forward + backward tokens/s, full model, then LoRA (add_lora changes the model: last)
+    B, T = args.train_batch, args.train_len
+    tokens = torch.randint(V, (B, T), device=device)
+    model.train()
+
+    def step(x):
+        logits = model(x)  # (B, T, V) fp32
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for name in ("full model", "LoRA r=8 on wq,wk,wv,wo"):
+        if name.startswith("LoRA"):
+            add_lora(model, rank=8, alpha=64, dropout=0.1)
+        trainable = count_parameters(model)[0]
+        step(tokens[:1])  # warm-up
+        t = best_time(lambda: step(tokens), args.repeats, device)
+        rows.append((f"fwd+bwd, {T}-token rows, {name} ({trainable / 1e6:.2f}M trainable)", B, "-", t, B * T / t, ""))
+
+    print("\n| config | batch | new tokens | seconds | tokens/s | cache speed-up |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for config, b, n, t, tps, speedup in rows:
+        print(f"| {config} | {b} | {n} | {t:.2f} | {tps:.1f} | {speedup} |")
+    for note in notes:
+        print(f"\n{note}")
+    print(f"\nprompt {P} tokens, temperature 1, top-p 1; total {time.perf_counter() - t_start:.0f} s; "
+          f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
