@@ -186,24 +186,27 @@ def plot(out, runs):
         return []
     style = lambda name: dict(label=CONFIGS[name][0], ls="--" if CONFIGS[name][1][1] == "none" else "-")
     n = sorted({len(ms) for ms in runs.values()})
-    seeds = lambda: f"mean over {'-'.join(map(str, n[::max(1, len(n) - 1)]))} seeds"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, ms in runs.items():
-        ax.plot(*curve(ms, "eval_win_rate", 100), marker="o", **style(name))
-    ax.set(xlabel="PPO step", ylabel="win rate against the reference (%)", title=f"Win rate ({seeds()})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    files = [os.path.join(out, "figure1_win_rate.png"), os.path.join(out, "figure2_true_kl.png")]
-    fig.savefig(files[0], dpi=120)
+    seeds = lambda: f"mean over {'-'.join(map(str, n[::max(1, len(n) - 1)]))} seed{'s' if n[-1] > 1 else ''}"
+    files = []
+    if any(curve(ms, "eval_win_rate")[0] for ms in runs.values()):  # real checkpoints have no annotator
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, ms in runs.items():
+            ax.plot(*curve(ms, "eval_win_rate", 100), marker="o", **style(name))
+        ax.set(xlabel="PPO step", ylabel="win rate against the reference (%)", title=f"Win rate ({seeds()})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        files.append(os.path.join(out, "figure1_win_rate.png"))
+        fig.savefig(files[-1], dpi=120)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, ms in runs.items():
         left.plot(*curve(ms, "true_kl"), **style(name))
         right.plot(*curve(ms, "response_length"), **style(name))
-    left.set(xlabel="PPO step", ylabel="true KL to the reference (nats per response)", title="True KL on rollouts")
+    left.set(xlabel="PPO step", ylabel="true KL to the reference (nats per response)", title=f"True KL on rollouts ({seeds()})")
     right.set(xlabel="PPO step", ylabel="response length (tokens)", title=f"Response length ({seeds()})")
     left.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(files[1], dpi=120)
+    files.append(os.path.join(out, "figure2_true_kl.png"))
+    fig.savefig(files[-1], dpi=120)
     plt.close("all")
     print("wrote " + ", ".join(files))
     return files
