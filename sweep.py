@@ -6,7 +6,8 @@ The paper's Table 1 and Figure 2 in miniature: every regularizer, a few seeds, o
     python sweep.py --report-only --out runs/sweep     # re-read the finished runs, rewrite table and plots
 
 Each run is `python train.py --estimator E --seed S --steps N --out DIR/CONFIG/seedS [flags after --]`, one
-after another (train.py builds the small world of seed S into .world/seedS on first use, which takes minutes).
+after another (train.py builds the small world of seed S into .world/seedS on first use, which takes minutes;
+so each seed has its own SFT policy and reward model, and the ± below spans both world and PPO randomness).
 A run whose metrics.jsonl already reaches the last step under the same command is skipped and one with a
 checkpoint is resumed, so an interrupted sweep continues where it stopped. Then it writes
     DIR/table1.md             per configuration (the paper's Table 1 rows): final win rate against the reference
