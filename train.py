@@ -64,6 +64,8 @@ def parse_args(argv=None):
     a("--dry-run", action="store_true", help="print the placement and memory plan without allocating")
     a("--preset", help="with --dry-run: a llama.PRESETS name instead of checkpoints (e.g. llama-7b)")
     a("--world-dir", default=".world", help="cache of the built-in small world")
+    a("--world-seed", type=int, default=0, help="seed of the small world (its SFT and reward models); PPO seeds "
+                                                "vary with --seed, as the paper's three runs on one SFT model")
     args = p.parse_args(argv)
     given = [x is not None for x in (args.policy, args.reward, args.prompts)]
     if any(given) and not all(given):
@@ -306,11 +308,11 @@ def main(argv=None):
     world_eval = None
     if args.world:
         import world
-        paths = world.bootstrap(os.path.join(args.world_dir, f"seed{args.seed}"), seed=args.seed,
-                                log=log if rank == 0 else None) if rank == 0 else None
+        world_dir = os.path.join(args.world_dir, f"seed{args.world_seed}")
+        paths = world.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
         barrier()  # rank 0 built it; the others read the finished directory
         if rank > 0:
-            paths = world.bootstrap(os.path.join(args.world_dir, f"seed{args.seed}"), seed=args.seed, log=None)
+            paths = world.bootstrap(world_dir, seed=args.world_seed, log=None)
         args.policy, args.reward, args.prompts = paths["policy"], paths["reward"], paths["prompts"]
         args.eval_prompts, world_eval = paths["eval"], world
     tokenizer = llama.Tokenizer(args.tokenizer or os.path.join(args.policy, "tokenizer.model"))
