@@ -5,11 +5,12 @@ AlpacaFarm (Dubois et al. 2023, arXiv 2305.14387) gives the paper an SFT policy,
 (simulated) preferences, PPO prompts, and simulated annotators that compute win rates. This file builds a
 miniature of each, with no downloads:
 
-  tasks      procedural instructions whose answers a program checks (reverse, sort, count, copy, uppercase,
-             last word, larger number, addition), in the Alpaca template, split like AlpacaFarm into SFT
-             demonstrations / preference prompts / PPO prompts / held-out evaluation prompts
+  tasks      procedural instructions whose answers a program checks (copy, reverse, uppercase, count, first
+             word, last word, larger number, addition) over 12 short words and small numbers, in the Alpaca
+             template, split like AlpacaFarm into SFT demonstrations / preference prompts / PPO prompts /
+             held-out evaluation prompts with reference outputs
   teacher    writes the SFT demonstrations with systematic misconceptions on hard instances (long lists,
-             carries, ...), so the SFT policy is imperfect in a way RL can fix
+             carries, close numbers), so the SFT policy is imperfect in a way RL can fix
   annotator  correct beats incorrect; otherwise closer to the right answer (character edit distance); then
              shorter; then a tie. Training labels are flipped with probability `noise` (AlpacaFarm: 25%),
              evaluation is noise-free, as in AlpacaFarm
@@ -17,7 +18,8 @@ miniature of each, with no downloads:
   stage 1    a small LLaMA trained by supervised fine-tuning on the teacher's demonstrations
   stage 2    a reward model trained with the Bradley-Terry loss on annotator-labelled pairs of SFT samples
 
-    python world.py --out .world/seed0 --seed 0     # builds once, later calls are no-ops
+    python world.py --out .world/seed0 --seed 0     # builds once (~5 min on 2 CPU cores); then a no-op
+    python -m pytest tests/test_world.py
 """
 import argparse
 import json
@@ -348,8 +350,8 @@ def evaluate(policy, tokenizer, eval_records, reward_model=None, max_new_tokens=
 @dataclass
 class WorldConfig:
     # data, split like AlpacaFarm (10k SFT / 10k preference / 20k PPO / 805 evaluation), smaller
-    n_sft: int = 4000
-    n_pref: int = 1500
+    n_sft: int = 10000
+    n_pref: int = 20000  # two SFT samples each; only ~1/3 of the pairs differ, so more prompts than AlpacaFarm
     n_ppo: int = 2000
     n_eval: int = 300
     p_hard: float = 0.75  # the teacher's misconception rate on hard instances
@@ -358,18 +360,18 @@ class WorldConfig:
     noise: float = 0.25  # annotator label flips on the preference pairs (AlpacaFarm's training pool)
     # the world's LLaMA (policy, reference, reward and value backbones)
     vocab_size: int = 768
-    dim: int = 128
-    n_layers: int = 4
+    dim: int = 64
+    n_layers: int = 3
     n_heads: int = 4
-    hidden_dim: int = 384
+    hidden_dim: int = 192
     max_seq_len: int = 128  # prompts are ~40-60 tokens, responses <= 12
     # stage 1: SFT; stage 2: reward model
     sft_steps: int = 3000
     sft_batch_size: int = 32
-    sft_lr: float = 2e-3
-    rm_epochs: int = 2
+    sft_lr: float = 3e-3
+    rm_epochs: int = 3
     rm_batch_size: int = 32
-    rm_lr: float = 1e-4
+    rm_lr: float = 1e-3
     rm_holdout: float = 0.1  # fraction of the pairs held out for the reward model's accuracy
     max_new_tokens: int = 24
 
@@ -476,17 +478,25 @@ def _build(out, seed, cfg, log):
     rm.backbone.load_state_dict(policy.state_dict())
     rm_acc = reward.train_reward_model(rm, train_pairs, held_pairs, cfg.rm_epochs, cfg.rm_lr, cfg.rm_batch_size,
                                        tok.pad_id, seed, log=lambda s: log("    " + s))
-    # agreement with the noise-free annotator on the held-out pairs that have a strict preference
-    truth = [(a, b) if p == 1.0 else (b, a) for i, (a, b) in zip(keep[:n_hold], token_pairs[:n_hold])
-             for p in [prefer(prompts[i], y1[i], y2[i])] if p != 0.5]
-    truth_acc = reward.preference_accuracy(rm, truth, cfg.rm_batch_size, tok.pad_id) if truth else float("nan")
+    # agreement with the noise-free annotator on the held-out pairs with a strict preference, and on those
+    # where exactly one response is correct (what PPO most needs the reward model to see)
+    truth, decisive = [], []
+    for i, (a, b) in zip(keep[:n_hold], token_pairs[:n_hold]):
+        p = prefer(prompts[i], y1[i], y2[i])
+        if p != 0.5:
+            truth.append((a, b) if (p == 1.0) == (labels[i] == 1) else (b, a))
+            if check(prompts[i], y1[i]) != check(prompts[i], y2[i]):
+                decisive.append(truth[-1])
+    acc = lambda ps: reward.preference_accuracy(rm, ps, cfg.rm_batch_size, tok.pad_id) if ps else float("nan")
+    truth_acc, decisive_acc = acc(truth), acc(decisive)
     rm.eval()
     rm.save(P("reward"))
     shutil.copy(P("tokenizer"), os.path.join(P("reward"), "tokenizer.model"))
-    stage(5, f"reward model: held-out accuracy {rm_acc:.3f} on noisy labels, {truth_acc:.3f} against the "
-             f"noise-free annotator ({len(truth)} pairs)")
+    stage(5, f"reward model: held-out accuracy {rm_acc:.3f} on noisy labels; against the noise-free annotator "
+             f"{truth_acc:.3f} ({len(truth)} pairs), {decisive_acc:.3f} where one response is correct ({len(decisive)})")
     return {"seconds": round(time.time() - t0, 1), "teacher_accuracy": teacher_acc, "reference_accuracy": ref_acc,
-            "sft": sft_stats, "reward_model_accuracy": rm_acc, "reward_model_true_accuracy": truth_acc}
+            "sft": sft_stats, "reward_model_accuracy": rm_acc, "reward_model_true_accuracy": truth_acc,
+            "reward_model_correct_vs_incorrect_accuracy": decisive_acc}
 
 
 def main(argv=None):
