@@ -105,7 +105,7 @@ def normalize(text):
 
 def answer(record):
     """The correct output of a record, computed from its prompt text."""
-    return TASKS[record["task"]].solve(record["instruction"], record["input"])
+    return TASKS[record["task"]].solve(record["instruction"], record.get("input") or "")
 
 
 def check(record, response):
@@ -251,7 +251,7 @@ def train_tokenizer(texts, path, vocab_size=768):
 
 def encode_pair(tok, record, response=None):
     """(prompt ids with BOS, response ids + EOS); the response is `record["output"]` unless given."""
-    prompt = tok.encode(llama.alpaca_prompt(record["instruction"], record["input"]), bos=True)
+    prompt = tok.encode(llama.alpaca_prompt(record["instruction"], record.get("input") or ""), bos=True)
     return prompt, tok.encode(record["output"] if response is None else response, bos=False, eos=True)
 
 
@@ -306,7 +306,8 @@ def sample(model, tok, records, temperature=0.0, max_new_tokens=24, batch_size=6
     for i in range(0, len(records), batch_size):
         prompts = [encode_pair(tok, r, "")[0] for r in records[i:i + batch_size]]
         tokens, mask = llama.left_pad(prompts, tok.pad_id)  # (B, P)
-        out, out_mask, _ = llama.generate(model, tokens, mask, max_new_tokens, temperature=temperature,
+        device = next(model.parameters()).device
+        out, out_mask, _ = llama.generate(model, tokens.to(device), mask.to(device), max_new_tokens, temperature=temperature,
                                           eos_id=tok.eos_id, pad_id=tok.pad_id, generator=generator)  # (B, N)
         for row, m in zip(out.tolist(), out_mask.tolist()):
             y = [t for t, keep in zip(row, m) if keep]
