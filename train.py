@@ -295,7 +295,7 @@ def main(argv=None):
     if args.dry_run:
         return dry_run(args, devices)
     dev, frozen_dev = devices[0], devices[-1]
-    if dev.type == "cpu":
+    if dev.type == "cpu" and local_world > 1:  # ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     else:
         torch.cuda.set_device(dev)
