@@ -295,10 +295,10 @@ def main(argv=None):
     if args.dry_run:
         return dry_run(args, devices)
     dev, frozen_dev = devices[0], devices[-1]
-    if dev.type == "cpu" and local_world > 1:  # ranks on one machine share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    else:
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    elif local_world > 1:  # CPU ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     log = print if rank == 0 else (lambda *a, **k: None)
