@@ -392,17 +392,20 @@ def _write_json(path, obj):
 
 def bootstrap(out, seed=0, cfg=None, log=print):
     """Build the world into directory `out` once; later calls check the settings and return the paths.
-    Built in a temporary sibling directory and renamed into place, so `out` is either absent or complete."""
-    cfg = cfg or WorldConfig()
+    cfg=None takes a world already built in `out` as it is (train.py does this, so a smaller world built with
+    `python world.py` works too), and builds WorldConfig()'s otherwise. Built in a temporary sibling directory
+    and renamed into place, so `out` is either absent or complete."""
     paths = {k: os.path.join(out, v) for k, v in LAYOUT.items()}
-    spec = {"seed": seed, **asdict(cfg)}
     if os.path.exists(paths["info"]):
         with open(paths["info"]) as f:
             built = json.load(f)["config"]
+        spec = {"seed": seed, **asdict(cfg)} if cfg is not None else {**built, "seed": seed}
         if built != spec:
             diff = ", ".join(f"{k}: {built.get(k)} (built) vs {v} (asked)" for k, v in spec.items() if built.get(k) != v)
             raise ValueError(f"{out} holds a world built with other settings ({diff}); delete it or use another directory")
         return paths
+    cfg = cfg or WorldConfig()
+    spec = {"seed": seed, **asdict(cfg)}
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"{out} exists but holds no {LAYOUT['info']}; delete it or use another directory")
     tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"

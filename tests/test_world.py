@@ -212,6 +212,34 @@ def test_bootstrap_reproducible_from_seed(built, tmp_path):
         assert open(paths[k]).read() == open(again[k]).read()
 
 
+def test_torchrun_train_end_to_end_on_the_small_world(built, tmp_path):
+    """`torchrun train.py --estimator js` with no checkpoints: the (tiny) world in --world-dir, PPO, evaluation
+    by the simulated annotator, metrics and a PEFT adapter; cfg=None takes the built world as it is."""
+    import subprocess
+    import sys
+    out, _, _ = built
+    assert world.bootstrap(out, seed=0, cfg=None, log=None)["policy"].startswith(out)
+    with pytest.raises(ValueError, match="other settings"):
+        world.bootstrap(out, seed=1, cfg=None, log=None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           os.path.join(root, "train.py"), "--estimator", "js", "--world-dir", os.path.dirname(out),
+           "--out", str(tmp_path / "run"), "--steps", "2", "--rollout-batch-size", "8", "--step-batch-size", "4",
+           "--micro-batch-size", "4", "--max-new-tokens", "8", "--eval-every", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    for m in metrics:  # every evaluation has the annotator's win rate and the exact KL to the reference
+        assert 0 <= m["eval_win_rate"] <= 1 and 0 <= m["eval_accuracy"] <= 1 and math.isfinite(m["eval_true_kl"])
+    assert metrics[0]["eval_true_kl"] == 0.0  # step 0 is the SFT policy itself
+    assert all(math.isfinite(m["true_kl"]) and math.isfinite(m["loss"]) for m in metrics[1:])
+    policy = llama.Llama.from_pretrained(os.path.join(out, "sft"))
+    import lora
+    lora.load_adapter(policy, str(tmp_path / "run" / "adapter"))
+    assert len(json.load(open(tmp_path / "run" / "eval" / "step0002.json"))) == TINY.n_eval
+
+
 def test_cli_error_is_one_line(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x").write_text("not a world")
