@@ -18,6 +18,9 @@ processes only ever adds time) of
   2. forward + backward (cross-entropy on next tokens) at batch 8 x 256 tokens: the full model trainable,
      then LoRA rank 8 on wq, wk, wv, wo (lora.add_lora, alpha 64, dropout 0.1) with the rest frozen.
 Prints a markdown table. Random N(0, 0.02) weights: the speed does not depend on the values.
+Run it on an otherwise idle machine (the header and footer print the load average): when another process
+keeps a core busy, every multi-threaded op waits for a descheduled thread, and small ops (LoRA's rank-8
+matmuls, elementwise ops) then cost as much as large ones.
 """
 import argparse
 import os
@@ -43,16 +46,19 @@ def hardware(device):
 
 
 def best_time(fn, repeats, device):
-    times = []
+    """(seconds, cores) of the fastest of `repeats` calls; cores = CPU time / wall time of this process,
+    about --threads on an idle machine, lower when other processes took our cores."""
+    best = (float("inf"), 0.0)
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        t, c = time.perf_counter() - t0, time.process_time() - c0
+        best = min(best, (t, c / t))
+    return best
 
 
 def S(n, p):  # tokens per row that generate(use_cache=False) pushes through the layers for n new tokens
@@ -70,7 +76,7 @@ def main(argv=None):
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per row; the best is reported")
-    ap.add_argument("--budget", type=float, default=300.0, help="max estimated seconds of one no-cache run")
+    ap.add_argument("--budget", type=float, default=120.0, help="max estimated seconds of one no-cache run")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -97,14 +103,14 @@ def main(argv=None):
 
         run(8, True)  # warm-up: allocator, thread pool, kernels
         with torch.no_grad():  # warm-up of the no-cache path and the basis of its time estimate
-            t_full = best_time(lambda: model.hidden(torch.randint(V, (B, P + N), device=device)), 1, device)
+            t_full, _ = best_time(lambda: model.hidden(torch.randint(V, (B, P + N), device=device)), 1, device)
         n = N
         while n > 8 and t_full * S(n, P) / (P + N) > args.budget:
-            n //= 2  # a pass over P + N tokens overestimates the shorter passes: a conservative estimate
-        t_cache = best_time(lambda: run(n, True), args.repeats, device)
-        t_none = best_time(lambda: run(n, False), args.repeats, device)
-        rows.append(("generate, KV cache", B, n, t_cache, B * n / t_cache, ""))
-        rows.append(("generate, no cache", B, n, t_none, B * n / t_none, f"{t_none / t_cache:.1f}x"))
+            n //= 2  # a rough estimate: shorter passes cost less per token in attention, more in overhead
+        t_cache, c_cache = best_time(lambda: run(n, True), args.repeats, device)
+        t_none, c_none = best_time(lambda: run(n, False), args.repeats, device)
+        rows.append(("generate, KV cache", B, n, t_cache, B * n / t_cache, "", c_cache))
+        rows.append(("generate, no cache", B, n, t_none, B * n / t_none, f"{t_none / t_cache:.1f}x", c_none))
         if n < N:
             notes.append(f"Estimate, not measured: generate, no cache, batch {B}, {N} new tokens would take about "
                          f"{t_none:.3g} s x S({N}) / S({n}) = {t_none * S(N, P) / S(n, P):.3g} s, "
@@ -126,13 +132,13 @@ def main(argv=None):
             add_lora(model, rank=8, alpha=64, dropout=0.1)
         trainable = count_parameters(model)[0]
         step(tokens[:1])  # warm-up
-        t = best_time(lambda: step(tokens), args.repeats, device)
-        rows.append((f"fwd+bwd, {T}-token rows, {name} ({trainable / 1e6:.2f}M trainable)", B, "-", t, B * T / t, ""))
+        t, c = best_time(lambda: step(tokens), args.repeats, device)
+        rows.append((f"fwd+bwd, {T}-token rows, {name} ({trainable / 1e6:.2f}M trainable)", B, "-", t, B * T / t, "", c))
 
-    print("\n| config | batch | new tokens | seconds | tokens/s | cache speed-up |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for config, b, n, t, tps, speedup in rows:
-        print(f"| {config} | {b} | {n} | {t:.2f} | {tps:.1f} | {speedup} |")
+    print("\n| config | batch | new tokens | seconds | tokens/s | cache speed-up | CPU cores used |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for config, b, n, t, tps, speedup, cores in rows:
+        print(f"| {config} | {b} | {n} | {t:.2f} | {tps:.1f} | {speedup} | {cores:.2f} |")
     for note in notes:
         print(f"\n{note}")
     print(f"\nprompt {P} tokens, temperature 1, top-p 1; total {time.perf_counter() - t_start:.0f} s; "
