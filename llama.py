@@ -16,11 +16,9 @@ batched sampler (KV cache, temperature, top-p, EOS) shared by sample.py and the 
 """
 import glob
 import json
-import math
 import os
 import re
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -223,7 +221,7 @@ class Llama(nn.Module):
             model = cls(cfg)
         model = model.to(dtype).to_empty(device=device)
         unused = load_weights(model, path)
-        unused = [k for k in unused if not k.endswith("rotary_emb.inv_freq")]
+        unused = [k for k in unused if not k.endswith(("rotary_emb.inv_freq", "rope.freqs"))]  # derived tables
         if unused:
             raise ValueError(f"{path}: checkpoint has tensors the model does not use: {', '.join(unused[:5])}")
         return model

@@ -172,7 +172,9 @@ def update_kl_coef(kl_coef, kl, cfg):
 def response_logits(model, tokens, mask, P, temperature):
     """Logits (fp32, / temperature) predicting each response token of tokens = prompt (P) + response (N)."""
     h = model.hidden(tokens, mask)[:, P - 1:-1]                           # (B, N, dim): state before y_t
-    return model.output(h).float() / (temperature if temperature > 0 else 1.0)   # (B, N, V)
+    # the head in fp32 even for bf16 weights: bf16 logits would round each log-prob by ~|logit| * 2^-9
+    logits = F.linear(h.float(), model.output.weight.float())             # (B, N, V)
+    return logits / (temperature if temperature > 0 else 1.0)
 
 
 def _device(model):
@@ -279,7 +281,8 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
 
     Each optimizer step sees a step batch of cfg.step_batch_size distinct samples, accumulated over
     micro-batches whose loss is weighted by their share of the step batch's valid tokens, so the gradient
-    equals that of the token mean over the whole step batch. (The reference back-propagates one
+    equals that of the token mean over the whole step batch (with several ranks, sync_grads averages the
+    ranks' token means, and whitening statistics are per rank). (The reference back-propagates one
     16-sample minibatch several times without dividing; we do not copy that.) sync_grads, if given, is
     called before clipping (e.g. an all-reduce across ranks). The scheduler steps once per call, i.e. once
     per PPO step, as in AlpacaFarm.
@@ -300,7 +303,7 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
             idx = perm[start:start + cfg.step_batch_size]
             n_tokens = fmask[idx].sum()
             optimizer.zero_grad(set_to_none=True)
-            step_stats = {}
+            step_stats, bad_loss = {}, None
             for mstart in range(0, len(idx), cfg.micro_batch_size):
                 mb = idx[mstart:mstart + cfg.micro_batch_size]
                 mb_mask = fmask[mb]
@@ -316,9 +319,10 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
                 vf_loss, vf_stats = value_loss(vpred, batch["values"][mb], batch["returns"][mb], mb_mask,
                                                cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"ppo_update: loss is {loss.item()} at epoch {epoch}, optimizer "
-                                             f"step {n_steps}, micro-batch starting at {mstart}")
+                if not torch.isfinite(loss) and bad_loss is None:
+                    bad_loss = f"loss is {loss.item()} in the micro-batch starting at {mstart}"
+                # a non-finite loss still back-propagates: its NaN gradients reach every rank through
+                # sync_grads, so all ranks stop at the same check below instead of hanging in a collective
                 (loss * weight).backward()
                 with torch.no_grad():
                     ent = masked_mean(entropy_from_logits(logits), mb_mask).item()
@@ -331,9 +335,9 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
             if sync_grads is not None:
                 sync_grads()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            if not math.isfinite(grad_norm):
-                raise FloatingPointError(f"ppo_update: gradient norm is {grad_norm} at epoch {epoch}, "
-                                         f"optimizer step {n_steps}")
+            if not math.isfinite(grad_norm) or bad_loss is not None:
+                raise FloatingPointError(f"ppo_update: {bad_loss or 'gradient norm is ' + str(grad_norm)} at "
+                                         f"epoch {epoch}, optimizer step {n_steps}")
             step_stats["grad_norm"] = grad_norm
             optimizer.step()
             n_steps += 1

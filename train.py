@@ -16,8 +16,8 @@ of the batch and the trainable gradients (LoRA + value head) are all-reduced. Ou
 """
 import argparse
 import copy
+import datetime
 import json
-import math
 import os
 import shutil
 import sys
@@ -75,6 +75,15 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     divergences.get_estimator(args.estimator)  # unknown names: one line listing the valid ones
+    if args.dry_run and args.world:
+        raise ValueError("--dry-run needs --preset NAME (e.g. llama-7b) or --policy/--reward/--prompts")
+    if args.preset and not args.dry_run:
+        raise ValueError("--preset only plans memory (--dry-run); training needs --policy/--reward/--prompts")
+    for flag in ("lora_rank", "steps", "ppo_epochs", "max_new_tokens", "max_prompt_tokens", "eval_every", "save_every"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     return args
 
 
@@ -164,7 +173,7 @@ def dry_run(args, devices):
     print(f"{'':12s} {names[1]:8s} {'reference, reward model':48s} "
           f"{gib((base + sum(p.numel() for p in reward.parameters())) * wbytes)}")
     print(f"{'one-device':12s} {names[0]:8s} {'policy (= reference), value (= reward) + heads':48s} "
-          f"{gib(base_b + 4 * wbytes)} {gib(train_b):>21s}")
+          f"{gib(base_b + (rcfg.dim + 1) * wbytes)} {gib(train_b):>21s}")
     # activations: the KV cache of one generation chunk, exactly; for training an upper bound of ~34 s b h bytes
     # per layer in 16 bit (Korthikanti et al. 2022 without the score matrix, which SDPA never stores) plus fp32
     # logits twice. Frozen linear layers need not save their inputs, so LoRA training stores less than this.
@@ -223,9 +232,15 @@ def load_checkpoint(out, rank):
         if not os.path.exists(os.path.join(path, f)):
             raise FileNotFoundError(f"--resume: {os.path.join(path, f)} is missing (no checkpoint, or one "
                                     f"written by a run with another number of ranks)")
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
-    state.update(torch.load(os.path.join(path, f"rng-rank{rank}.pt"), weights_only=True))
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    state.update(torch.load(os.path.join(path, f"rng-rank{rank}.pt"), map_location="cpu", weights_only=True))
     return state
+
+
+# a resumed run must be the same experiment: these flags may not change (--steps, --out, --devices may)
+SAME_ON_RESUME = ("estimator", "kl_coef", "adaptive_kl", "policy", "reward", "prompts", "lora_rank", "lora_alpha",
+                  "lora_dropout", "rollout_batch_size", "step_batch_size", "micro_batch_size", "ppo_epochs", "lr",
+                  "warmup_steps", "max_new_tokens", "max_prompt_tokens", "temperature", "top_p", "seed")
 
 
 def restore(state, policy, value, optimizer, scheduler, generator):
@@ -300,7 +315,8 @@ def main(argv=None):
     elif local_world > 1:  # CPU ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # generous timeout: rank 0 may build the small world while the others wait at a barrier
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed + rank)  # LoRA dropout differs per rank; the LoRA init below is re-seeded
 
@@ -386,10 +402,14 @@ def main(argv=None):
     metrics_file = os.path.join(args.out, "metrics.jsonl")
     if args.resume:
         state = load_checkpoint(args.out, rank)
+        changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in SAME_ON_RESUME
+                   if state["args"].get(k) != getattr(args, k)]
+        if changed:
+            raise ValueError(f"--resume: {args.out}/checkpoint was written with other settings: {'; '.join(changed)}")
         restore(state, policy, value, optimizer, scheduler, generator)
         step, pos, kl_coef = state["step"], state["pos"], state["kl_coef"]
         if rank == 0 and os.path.exists(metrics_file):  # drop lines logged after the checkpoint
-            lines = [l for l in open(metrics_file) if json.loads(l)["step"] <= step]
+            lines = [l for l in open(metrics_file) if l.endswith("\n") and json.loads(l)["step"] <= step]
             with open(metrics_file + ".tmp", "w") as f:
                 f.writelines(lines)
             os.replace(metrics_file + ".tmp", metrics_file)

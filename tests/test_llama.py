@@ -108,6 +108,7 @@ def write_meta(path, meta_sd, cfg, n_shards=1):
         for n, w in meta_sd.items():
             dim = llama._META_SHARD_DIM.get(n.split(".")[-2])
             shard[n] = w if dim is None else w.chunk(n_shards, dim=dim)[s].clone()
+        shard["rope.freqs"] = torch.zeros(cfg.dim // cfg.n_heads // 2)  # LLaMA-1 files carry this derived table
         torch.save(shard, os.path.join(path, f"consolidated.{s:02d}.pth"))
 
 
