@@ -6,8 +6,9 @@ The paper's Table 1 and Figure 2 in miniature: every regularizer, a few seeds, o
     python sweep.py --report-only --out runs/sweep     # re-read the finished runs, rewrite table and plots
 
 Each run is `python train.py --estimator E --seed S --steps N --out DIR/CONFIG/seedS [flags after --]`, one
-after another (train.py builds the small world of seed S into .world/seedS on first use, which takes minutes;
-so each seed has its own SFT policy and reward model, and the ± below spans both world and PPO randomness).
+after another. All runs share one small world (train.py --world-seed, default 0, built into .world/seed0 on
+first use, which takes minutes): as in the paper's three runs per row, one SFT policy and one reward model,
+and the ± below spans PPO's randomness only.
 A run whose metrics.jsonl already reaches the last step under the same command is skipped and one with a
 checkpoint is resumed, so an interrupted sweep continues where it stopped. Then it writes
     DIR/table1.md             per configuration (the paper's Table 1 rows): final win rate against the reference
@@ -231,7 +232,7 @@ def main(argv=None):
         raise ValueError(f"{' '.join(owned)} after --: the sweep sets {', '.join(OWNED)} itself (use its own options)")
     failed = []
     if not args.report_only:
-        jobs = [(name, s) for s in args.seeds for name in args.configs]  # seed-major: one new world at a time
+        jobs = [(name, s) for s in args.seeds for name in args.configs]  # seed-major: a partial sweep covers every row
         for i, (name, seed) in enumerate(jobs, 1):
             run = run_dir(args.out, name, seed)
             targs = train_args(name, seed, args.steps, args.kl_coef, args.out, extra)
