@@ -13,8 +13,8 @@ processes only ever adds time) of
      pushes B * S(N) tokens through the layers, S(N) = (N + 1) * P + N * (N + 1) / 2 for a P-token prompt
      (generate also computes the state after the last token). When that is estimated to take longer than
      --budget seconds (from a timed forward pass of the full length), N is halved until it fits; the row
-     says the N measured, its cached row is measured at the same N, and a line under the table extrapolates
-     to --new-tokens by the ratio of S, labelled as an estimate.
+     says the N measured, a cached row is measured at the same N (and one at --new-tokens), and a line
+     under the table extrapolates to --new-tokens by the ratio of S, labelled as an estimate.
   2. forward + backward (cross-entropy on next tokens) at batch 8 x 256 tokens: the full model trainable,
      then LoRA rank 8 on wq, wk, wv, wo (lora.add_lora, alpha 64, dropout 0.1) with the rest frozen.
 Prints a markdown table. Random N(0, 0.02) weights: the speed does not depend on the values.
@@ -87,6 +87,9 @@ def main(argv=None):
     torch.manual_seed(0)
     model = Llama(cfg).to(device=device, dtype=dtype).eval()
     P, N, V = args.prompt_len, args.new_tokens, cfg.vocab_size
+    if P < 1 or N < 1 or P + N > cfg.max_seq_len:
+        raise ValueError(f"--prompt-len {P} and --new-tokens {N} must be >= 1 and fit the context of "
+                         f"{cfg.max_seq_len} tokens of preset {args.preset}")
     print(f"# {hardware(device)}; {args.preset}: {count_parameters(model)[1] / 1e6:.1f}M parameters, "
           f"{str(dtype).removeprefix('torch.')}, best of {args.repeats}; load average {os.getloadavg()[0]:.2f}")
     rows, notes = [], []
@@ -107,14 +110,19 @@ def main(argv=None):
         n = N
         while n > 8 and t_full * S(n, P) / (P + N) > args.budget:
             n //= 2  # a rough estimate: shorter passes cost less per token in attention, more in overhead
+        if n < N:  # the cached run at the full length is cheap: measure it too
+            t_cache_N, c = best_time(lambda: run(N, True), args.repeats, device)
+            rows.append(("generate, KV cache", B, N, t_cache_N, B * N / t_cache_N, "", c))
         t_cache, c_cache = best_time(lambda: run(n, True), args.repeats, device)
         t_none, c_none = best_time(lambda: run(n, False), args.repeats, device)
         rows.append(("generate, KV cache", B, n, t_cache, B * n / t_cache, "", c_cache))
         rows.append(("generate, no cache", B, n, t_none, B * n / t_none, f"{t_none / t_cache:.1f}x", c_none))
         if n < N:
+            est = t_none * S(N, P) / S(n, P)
             notes.append(f"Estimate, not measured: generate, no cache, batch {B}, {N} new tokens would take about "
-                         f"{t_none:.3g} s x S({N}) / S({n}) = {t_none * S(N, P) / S(n, P):.3g} s, "
-                         f"S(N) = (N + 1) * {P} + N * (N + 1) / 2 tokens per row (attention's quadratic part ignored).")
+                         f"{t_none:.3g} s x S({N}) / S({n}) = {est:.3g} s ({B * N / est:.2g} tokens/s, a cache "
+                         f"speed-up of about {est / t_cache_N:.0f}x), S(N) = (N + 1) * {P} + N * (N + 1) / 2 "
+                         f"tokens per row (attention's quadratic part ignored).")
 
     # 2. training: forward + backward tokens/s, full model, then LoRA (add_lora changes the model: last)
     B, T = args.train_batch, args.train_len
