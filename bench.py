@@ -122,7 +122,7 @@ def main(argv=None):
             notes.append(f"Estimate, not measured: generate, no cache, batch {B}, {N} new tokens would take about "
                          f"{t_none:.3g} s x S({N}) / S({n}) = {est:.3g} s ({B * N / est:.2g} tokens/s, a cache "
                          f"speed-up of about {est / t_cache_N:.0f}x), S(N) = (N + 1) * {P} + N * (N + 1) / 2 "
-                         f"tokens per row (attention's quadratic part ignored).")
+                         f"tokens per row (rough: per-step overhead and attention's quadratic cost are ignored).")
 
     # 2. training: forward + backward tokens/s, full model, then LoRA (add_lora changes the model: last)
     B, T = args.train_batch, args.train_len
