@@ -12,6 +12,7 @@ Tests: python -m pytest tests/test_ppo.py
 """
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +199,7 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
             m.eval()
     dev, B, P = prompts.device, prompts.shape[0], prompts.shape[1]
     shared = getattr(reward_model, "backbone", None) is getattr(value_model, "backbone", False)
+    t0 = time.time()
 
     # 1a. generate y ~ pi_theta(. | x), in chunks; responses right-padded to a common length N
     chunks = []
@@ -210,7 +212,8 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
     N = max(out.shape[1] for out, _ in chunks)
     responses = torch.cat([F.pad(o, (0, N - o.shape[1]), value=pad_id) for o, _ in chunks])    # (B, N)
     mask = torch.cat([F.pad(m, (0, N - m.shape[1]), value=0) for _, m in chunks])              # (B, N)
-    assert (mask.sum(1) > 0).all(), "rollout: llama.generate returned an empty response"
+    assert (mask.sum(1) > 0).all(), "rollout: llama.generate returned an empty response"   # (syncs the device)
+    t1 = time.time()
     tokens = torch.cat([prompts, responses], 1)                                                # (B, P+N)
     full_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
 
@@ -271,6 +274,8 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
                  response_length=fmask.sum(1).mean().item(),
                  eos_fraction=has_eos.float().mean().item(),
                  kl_coef=kl_coef)
+    # seconds; the .item() calls above have waited for the devices
+    stats.update(time_generate=t1 - t0, time_score=time.time() - t1)   # 1a; 1b-3 (log-probs, reference, values, score, GAE)
     return batch, stats
 
 

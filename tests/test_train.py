@@ -75,6 +75,9 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert f"resumed from {part}/checkpoint at step {killed_at}" in r.stdout
     a, b = metrics(full), metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for m in a:  # the timings are logged: generation and scoring are parts of the rollout
+        assert min(m[k] for k in ("time_generate", "time_score", "time_train", "tokens_per_s")) > 0, m
+        assert m["time_generate"] + m["time_score"] <= m["time_rollout"], m
     for ma, mb in zip(a, b):
         for k in DETERMINISTIC:
             assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
