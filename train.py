@@ -414,9 +414,18 @@ def main(argv=None):
                 f.writelines(lines)
             os.replace(metrics_file + ".tmp", metrics_file)
         log(f"resumed from {args.out}/checkpoint at step {step}")
-    elif rank == 0 and os.path.exists(metrics_file):
-        os.replace(metrics_file, metrics_file + ".prev")  # never overwrite a run silently
-        log(f"moved the existing {metrics_file} to {metrics_file}.prev")
+    elif rank == 0:  # a new run never overwrites an earlier one in OUT: its files move to OUT/previous-N
+        ours = [f for f in ("metrics.jsonl", "checkpoint", "checkpoint.old", "adapter", "eval")
+                if os.path.exists(os.path.join(args.out, f))]
+        if ours:
+            n = 1
+            while os.path.exists(os.path.join(args.out, f"previous-{n}")):
+                n += 1
+            old = os.path.join(args.out, f"previous-{n}")
+            os.makedirs(old)
+            for f in ours:
+                os.replace(os.path.join(args.out, f), os.path.join(old, f))
+            log(f"moved the earlier run in {args.out} ({', '.join(ours)}) to {old}; --resume would continue it")
 
     def run_eval(step):  # held-out greedy outputs -> stats, and AlpacaEval JSON in OUT/eval/
         texts, estats = evaluate(policy, ref, reward_model, tokenizer, eval_records, args, dev)
