@@ -435,9 +435,11 @@ def main(argv=None):
             estats["eval_accuracy"] = sum(world_eval.check(r, t) for r, t in zip(eval_records, texts)) / len(texts)
         if rank == 0:
             os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
-            with open(os.path.join(args.out, "eval", f"step{step:04d}.json"), "w") as f:
+            file = os.path.join(args.out, "eval", f"step{step:04d}.json")
+            with open(file + ".tmp", "w") as f:
                 json.dump([{"instruction": r["instruction"], "input": r.get("input") or "", "output": t,
                             "generator": f"lora-rlhf-{args.estimator}-step{step}"} for r, t in zip(eval_records, texts)], f, indent=1)
+            os.replace(file + ".tmp", file)
         return estats
 
     def order(epoch):  # a fresh shuffle of the prompts per pass, reproducible from the seed
