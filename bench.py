@@ -4,6 +4,7 @@ Benchmark (not a test): how fast llama.py generates and trains, on random weight
     python bench.py                      # CPU, fp32, preset "small" (~106M parameters), 256 new tokens
     python bench.py --device cuda        # bf16 by default on a GPU
     python bench.py --repeats 3 --threads 2 --budget 300
+    python bench.py --ppo --preset llama-7b --device cuda   # one PPO step at the paper's sizes, on one GPU
 
 Measures, after a warm-up, the best wall time of --repeats runs (as timeit does: interference from other
 processes only ever adds time) of
@@ -17,6 +18,11 @@ processes only ever adds time) of
      under the table extrapolates to --new-tokens by the ratio of S, labelled as an estimate.
   2. forward + backward (cross-entropy on next tokens) at batch 8 x 256 tokens: the full model trainable,
      then LoRA rank 8 on wq, wk, wv, wo (lora.add_lora, alpha 64, dropout 0.1) with the rest frozen.
+With --ppo instead: one PPO step of the real code (ppo.rollout, then ppo.ppo_update) in train.py's
+one-device placement (the reference is the policy with its adapters off, the reward model the value
+model's backbone with its adapters off): --rollout-batch prompts of --prompt-len tokens, --new-tokens
+each (eos_id=None: every response has full length, the worst case), then the update at each
+--micro-batches size; seconds and the device's peak memory per phase.
 Prints a markdown table. Random N(0, 0.02) weights: the speed does not depend on the values.
 Run it on an otherwise idle machine (the header and footer print the load average): when another process
 keeps a core busy, every multi-threaded op waits for a descheduled thread, and small ops (LoRA's rank-8
@@ -31,8 +37,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import ppo
 from llama import Llama, generate, get_preset
 from lora import add_lora, count_parameters
+from reward import RewardModel, ValueModel
 
 
 def hardware(device):
@@ -65,6 +73,63 @@ def S(n, p):  # tokens per row that generate(use_cache=False) pushes through the
     return (n + 1) * p + n * (n + 1) // 2
 
 
+def bench_ppo(args, device, dtype):
+    """One PPO step at a preset's shape: rollout (generate, then score) and the update per micro-batch size."""
+    cfg, P, N, R = get_preset(args.preset), args.prompt_len, args.new_tokens, args.rollout_batch
+    gib = lambda: torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    sync = lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # the frozen weights are created in bf16 on the device: no fp32 copy of 7B
+    with torch.device(device):
+        policy, reward_model = Llama(cfg), RewardModel(cfg)
+    torch.set_default_dtype(torch.float32)
+    add_lora(policy, rank=8, alpha=64, dropout=0.1, lora_dtype=torch.float32)
+    reward_model.requires_grad_(False)
+    value = ValueModel(reward_model.backbone, rank=8, alpha=64, dropout=0.1, lora_dtype=torch.float32)
+    params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, eps=1e-5, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    print(f"# {hardware(device)}; {args.preset}, {str(dtype).removeprefix('torch.')} weights; one-device placement; "
+          f"{sum(p.numel() for p in params):,} trainable; weights + LoRA on the device: {gib():.2f} GiB")
+    prompts = torch.randint(3, cfg.vocab_size, (R, P), device=device)
+    mask = torch.ones_like(prompts)
+    rows = []
+    for mb in args.micro_batches:
+        pcfg = ppo.PPOConfig(estimator="js", rollout_batch_size=R, step_batch_size=min(args.step_batch, R),
+                             micro_batch_size=mb, max_new_tokens=N)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            batch, stats = ppo.rollout(policy, value, reward_model, prompts, mask, pcfg, 0.02, eos_id=None,
+                                       generator=torch.Generator(device).manual_seed(0))
+            rows.append((f"rollout: generate {R} x {N} new tokens (batches of {pcfg.generate_batch_size})",
+                         mb, stats["time_generate"], R * N / stats["time_generate"], gib()))
+            rows.append((f"rollout: score (policy, reference, value, reward model; {R} x {P + N} tokens)",
+                         mb, stats["time_score"], R * (P + N) / stats["time_score"], gib()))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            t0 = time.perf_counter()
+            ppo.ppo_update(policy, value, optimizer, scheduler, batch, pcfg)
+            sync()
+            t = time.perf_counter() - t0
+            rows.append((f"update: {pcfg.ppo_epochs} epochs, step batch {pcfg.step_batch_size}, policy + value "
+                         f"fwd+bwd", mb, t, pcfg.ppo_epochs * R * (P + N) / t, gib()))
+        except torch.cuda.OutOfMemoryError:
+            rows.append((f"out of device memory at micro-batch {mb}", mb, float("nan"), float("nan"), gib()))
+        batch = None  # free this rollout before the next micro-batch size
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("\n| phase | micro-batch | seconds | tokens/s | peak memory (GiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for phase, mb, t, tps, mem in rows:
+        print(f"| {phase} | {mb} | {t:.1f} | {tps:.0f} | {mem:.2f} |")
+    print(f"\nprompts {P} tokens, temperature 1, top-p 1, estimator js; tokens/s counts new tokens for generate, "
+          f"prompt + response tokens (x epochs) otherwise; peak memory: the device's, from the start of the rollout "
+          f"or of the update")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Generation and training speed of llama.py on random weights.")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,11 +143,17 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per row; the best is reported")
     ap.add_argument("--budget", type=float, default=120.0, help="max estimated seconds of one no-cache run")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--ppo", action="store_true", help="time one PPO step instead (see the docstring)")
+    ap.add_argument("--rollout-batch", type=int, default=256, help="--ppo: prompts per rollout (paper: 256)")
+    ap.add_argument("--step-batch", type=int, default=128, help="--ppo: samples per optimizer step (paper: 128)")
+    ap.add_argument("--micro-batches", type=int, nargs="+", default=[16], help="--ppo: micro-batch sizes to try")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.ppo:
+        return bench_ppo(args, device, dtype)
     cfg = get_preset(args.preset)
     torch.manual_seed(0)
     model = Llama(cfg).to(device=device, dtype=dtype).eval()

@@ -174,15 +174,19 @@ def dry_run(args, devices):
           f"{gib((base + sum(p.numel() for p in reward.parameters())) * wbytes)}")
     print(f"{'one-device':12s} {names[0]:8s} {'policy (= reference), value (= reward) + heads':48s} "
           f"{gib(base_b + (rcfg.dim + 1) * wbytes)} {gib(train_b):>21s}")
-    # activations: the KV cache of one generation chunk, exactly; for training an upper bound of ~34 s b h bytes
-    # per layer in 16 bit (Korthikanti et al. 2022 without the score matrix, which SDPA never stores) plus fp32
-    # logits twice. Frozen linear layers need not save their inputs, so LoRA training stores less than this.
-    T = args.max_prompt_tokens + args.max_new_tokens
-    b = args.micro_batch_size
-    kv = 2 * pcfg.n_layers * ppo.PPOConfig.generate_batch_size * T * (pcfg.n_kv_heads or pcfg.n_heads) * (pcfg.dim // pcfg.n_heads) * wbytes
-    act = 2 * (pcfg.n_layers * 34 * T * b * pcfg.dim * wbytes // 2 + 2 * b * args.max_new_tokens * pcfg.vocab_size * 4)
+    # activations: the KV cache of one generation chunk, exactly; for training, what autograd keeps per token and
+    # layer of each model (policy, value) with LoRA on wq, wk, wv, wo (frozen projections keep no input): both
+    # RMSNorms' fp32 inputs (8 dim bytes), LoRA dropout's output and mask on 4 projections (4 (w + 1) dim), SDPA's
+    # q, k, v and output (w (2 + 2 kv/heads) dim) and SwiGLU's gate, up and silu outputs (3 w hidden_dim), w the
+    # weight bytes; plus the policy's fp32 response logits, three copies. 7B, micro-batch 8: 43.3 GiB estimated;
+    # on an H100 (bench.py --ppo) the update's peak was 69.2 GiB, 25.2 of them weights: 44.0 GiB measured.
+    T, b, w = args.max_prompt_tokens + args.max_new_tokens, args.micro_batch_size, wbytes
+    kv_frac = (pcfg.n_kv_heads or pcfg.n_heads) / pcfg.n_heads
+    kv = 2 * pcfg.n_layers * ppo.PPOConfig.generate_batch_size * T * kv_frac * pcfg.dim * w
+    per_token_layer = 8 * pcfg.dim + 4 * (w + 1) * pcfg.dim + w * (2 + 2 * kv_frac) * pcfg.dim + 3 * w * pcfg.hidden_dim
+    act = 2 * pcfg.n_layers * b * T * per_token_layer + 3 * b * args.max_new_tokens * pcfg.vocab_size * 4
     print(f"activations: KV cache for {ppo.PPOConfig.generate_batch_size} sequences x {T} tokens {gib(kv).strip()} "
-          f"GiB; training micro-batch of {b} x {T} tokens (policy + value) at most ~{gib(act).strip()} GiB")
+          f"GiB; training micro-batch of {b} x {T} tokens (policy + value) ~{gib(act).strip()} GiB (estimate)")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -500,9 +504,20 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main(), with bad input and the known failures ending in one line on stderr and exit status 1."""
     try:
-        main()
+        main(argv)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory; a smaller --micro-batch-size lowers it and changes nothing else (gradients "
+              "are accumulated up to --step-batch-size), as does a smaller --max-new-tokens; --dry-run estimates it",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

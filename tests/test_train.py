@@ -169,6 +169,20 @@ def test_bad_input_clear_message(setup, tmp_path, case):
         assert torch.load(tmp_path / "o" / "checkpoint" / "state.pt", weights_only=True)["step"] == 0
 
 
+def test_out_of_gpu_memory_is_one_line(setup, tmp_path, monkeypatch, capsys):
+    import ppo
+    import train
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(ppo, "rollout", oom)
+    threads = torch.get_num_threads()
+    assert train.cli(base_args(setup, tmp_path / "o")) == 1
+    torch.set_num_threads(threads)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of GPU memory; a smaller --micro-batch-size"), err
+
+
 def test_bad_input_is_one_line_on_the_command_line(setup, tmp_path):
     r = run(base_args(setup, tmp_path / "o", "--estimator", "kll"))
     lines = r.stderr.strip().splitlines()

@@ -1,0 +1,132 @@
+"""The GPU paths on a CUDA device (skipped without one): bf16 weights with fp32 LoRA and fp32 log-probs,
+SDPA with padding masks and the KV cache on the GPU, a rollout with a separate reference model, and
+train.py's one- and two-device placements.
+
+bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per value), so each result is compared with the same
+computation in fp32 on the CPU at a relative tolerance of 5%: rounding compounded over 4 layers stays well
+below it, while a wrong mask, rotary table or placement gives errors of order 1.
+TEST_GPU_DEVICE=cpu runs the same checks with bf16 on the CPU (to debug the tests without a GPU).
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+import llama
+import lora
+import ppo
+from llama import Llama, LlamaConfig, generate, left_pad
+from reward import RewardModel, ValueModel
+from test_train import base_args, metrics, run, setup  # noqa: F401  (setup is a fixture)
+
+DEVICE = os.environ.get("TEST_GPU_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CFG = LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=1000, hidden_dim=688, max_seq_len=256)
+RTOL = 0.05
+
+
+def rel_err(a, b):  # ||a - b|| / ||b||, in fp32 on the CPU
+    a, b = a.float().cpu(), b.float().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def fp32_and_bf16(seed=0):
+    torch.manual_seed(seed)
+    cpu = Llama(CFG).eval()                                      # fp32 on the CPU
+    return cpu, copy.deepcopy(cpu).to(DEVICE, torch.bfloat16)
+
+
+def test_bf16_logits_match_fp32():
+    cpu, gpu = fp32_and_bf16()
+    tokens = torch.randint(0, CFG.vocab_size, (4, 64))
+    logits = gpu(tokens.to(DEVICE))
+    assert logits.dtype == torch.float32 and logits.device.type == torch.device(DEVICE).type
+    assert rel_err(logits, cpu(tokens)) < RTOL
+    # the greedy choice agrees wherever fp32's top two logits are not within bf16's rounding of each other
+    top2 = cpu(tokens).topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.05 * top2[..., 0].abs().clamp(min=1e-3)
+    assert (logits.argmax(-1).cpu() == cpu(tokens).argmax(-1))[clear].all()
+
+
+def test_left_padding_and_kv_cache_on_the_device():
+    cpu, gpu = fp32_and_bf16(1)
+    seqs = [torch.randint(0, CFG.vocab_size, (n,)).tolist() for n in (5, 40, 23)]
+    tokens, mask = left_pad(seqs)
+    batch = gpu(tokens.to(DEVICE), mask.to(DEVICE))              # (3, 40, V)
+    for b, s in enumerate(seqs):                                  # each padded row = that sequence alone, fp32
+        alone = cpu(torch.tensor([s]))[0]
+        assert rel_err(batch[b, -len(s):], alone) < RTOL, b
+    # incremental decoding with the cache = one full forward (both bf16 on the device)
+    cache = gpu.new_cache(3, 48)
+    h = gpu.hidden(tokens.to(DEVICE), mask.to(DEVICE), cache)
+    nxt = torch.randint(0, CFG.vocab_size, (3, 1), device=DEVICE)
+    full_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1).to(DEVICE)
+    step = gpu.output(gpu.hidden(nxt, full_mask, cache))[:, -1].float()
+    full = gpu(torch.cat([tokens.to(DEVICE), nxt], 1), full_mask)[:, -1]
+    assert rel_err(step, full) < RTOL and h.shape == (3, 40, CFG.dim)
+
+
+def test_bf16_base_with_fp32_lora_trains_on_the_device():
+    cpu, gpu = fp32_and_bf16(2)
+    for m in (cpu, gpu):
+        lora.add_lora(m, rank=8, alpha=64, dropout=0.0, lora_dtype=torch.float32)
+    layers = lora.lora_layers(gpu)
+    with torch.no_grad():  # a non-zero update (B != 0), the same A and B on both
+        for (_, _, c), (_, _, g) in zip(lora.lora_layers(cpu), layers):
+            torch.nn.init.normal_(c.lora_B, std=0.02)
+            g.lora_A.copy_(c.lora_A)
+            g.lora_B.copy_(c.lora_B)
+    assert all(m.lora_A.dtype == torch.float32 and m.weight.dtype == torch.bfloat16 for _, _, m in layers)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 32))
+    assert rel_err(gpu(tokens.to(DEVICE)), cpu(tokens)) < RTOL
+    # one AdamW step at lr 1e-5 moves every fp32 A entry that has a gradient (a bf16 A would mostly not move)
+    params = [p for p in gpu.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    gpu.train()
+    gpu(tokens.to(DEVICE)).logsumexp(-1).mean().backward()
+    opt.step()
+    for p, p0 in zip(params, before):
+        moved = (p != p0) | (p.grad == 0)
+        assert moved.float().mean().item() > 0.99
+    assert all(m.weight.grad is None for _, _, m in layers)      # W stays frozen
+
+
+def test_rollout_reference_adapters_off_equals_separate_model():
+    torch.manual_seed(4)
+    policy = Llama(CFG).to(DEVICE, torch.bfloat16)
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()     # the two-device placement's reference
+    lora.add_lora(policy, rank=8, alpha=64, dropout=0.1, lora_dtype=torch.float32)
+    for layer in lora.lora_layers(policy):
+        torch.nn.init.normal_(layer[2].lora_B, std=0.02)          # policy != reference
+    reward_model = RewardModel(CFG).to(DEVICE, torch.bfloat16).requires_grad_(False)
+    value = ValueModel(reward_model.backbone, lora_dtype=torch.float32)
+    prompts, mask = left_pad([torch.randint(3, CFG.vocab_size, (n,)).tolist() for n in (7, 12, 3, 9)])
+    cfg = ppo.PPOConfig(estimator="js", rollout_batch_size=4, micro_batch_size=2, max_new_tokens=10)
+    out = []
+    for r in (None, ref):
+        g = torch.Generator(DEVICE).manual_seed(0)
+        batch, stats = ppo.rollout(policy, value, reward_model, prompts.to(DEVICE), mask.to(DEVICE), cfg, 0.02,
+                                   eos_id=2, ref_model=r, generator=g)
+        out.append((batch, stats))
+    (a, sa), (b, sb) = out
+    assert torch.equal(a["responses"], b["responses"])            # same seed, same policy: same samples
+    for k in ("logprobs", "ref_logprobs", "values"):
+        assert a[k].dtype == torch.float32
+        assert torch.allclose(a[k], b[k], atol=1e-3), k
+    assert sa["true_kl"] > 0 and abs(sa["true_kl"] - sb["true_kl"]) < 1e-3 * max(1.0, sa["true_kl"])
+
+
+@pytest.mark.parametrize("devices", ["cuda:0", "cuda:0,cuda:0"])
+def test_train_script_on_the_gpu(setup, tmp_path, devices):  # noqa: F811
+    if DEVICE != "cuda":
+        pytest.skip("train.py picks bf16 only on CUDA")
+    r = run(base_args(setup, tmp_path / "o", "--devices", devices, "--steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "torch.bfloat16" in r.stdout
+    two = "," in devices
+    assert ("reference = policy with adapters off" in r.stdout) != two
+    ms = metrics(tmp_path / "o")
+    assert [m["step"] for m in ms] == [1, 2]
+    assert all(isinstance(v, (int, float)) and v == v for m in ms for v in m.values()), ms  # no NaN
