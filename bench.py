@@ -22,7 +22,8 @@ With --ppo instead: one PPO step of the real code (ppo.rollout, then ppo.ppo_upd
 one-device placement (the reference is the policy with its adapters off, the reward model the value
 model's backbone with its adapters off): --rollout-batch prompts of --prompt-len tokens, --new-tokens
 each (eos_id=None: every response has full length, the worst case), then the update at each
---micro-batches size; seconds and the device's peak memory per phase.
+--micro-batches size (each size rolls out again, from the weights the previous update left: the speed
+does not depend on them); seconds and the device's peak memory per phase.
 Prints a markdown table. Random N(0, 0.02) weights: the speed does not depend on the values.
 Run it on an otherwise idle machine (the header and footer print the load average): when another process
 keeps a core busy, every multi-threaded op waits for a descheduled thread, and small ops (LoRA's rank-8
@@ -80,9 +81,11 @@ def bench_ppo(args, device, dtype):
     sync = lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # the frozen weights are created in bf16 on the device: no fp32 copy of 7B
-    with torch.device(device):
-        policy, reward_model = Llama(cfg), RewardModel(cfg)
-    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device(device):
+            policy, reward_model = Llama(cfg), RewardModel(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
     add_lora(policy, rank=8, alpha=64, dropout=0.1, lora_dtype=torch.float32)
     reward_model.requires_grad_(False)
     value = ValueModel(reward_model.backbone, rank=8, alpha=64, dropout=0.1, lora_dtype=torch.float32)

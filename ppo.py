@@ -212,7 +212,7 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
     N = max(out.shape[1] for out, _ in chunks)
     responses = torch.cat([F.pad(o, (0, N - o.shape[1]), value=pad_id) for o, _ in chunks])    # (B, N)
     mask = torch.cat([F.pad(m, (0, N - m.shape[1]), value=0) for _, m in chunks])              # (B, N)
-    assert (mask.sum(1) > 0).all(), "rollout: llama.generate returned an empty response"   # (syncs the device)
+    assert (mask.sum(1) > 0).all(), "rollout: llama.generate returned an empty response"
     t1 = time.time()
     tokens = torch.cat([prompts, responses], 1)                                                # (B, P+N)
     full_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)

@@ -174,19 +174,23 @@ def dry_run(args, devices):
           f"{gib((base + sum(p.numel() for p in reward.parameters())) * wbytes)}")
     print(f"{'one-device':12s} {names[0]:8s} {'policy (= reference), value (= reward) + heads':48s} "
           f"{gib(base_b + (rcfg.dim + 1) * wbytes)} {gib(train_b):>21s}")
-    # activations: the KV cache of one generation chunk, exactly; for training, what autograd keeps per token and
-    # layer of each model (policy, value) with LoRA on wq, wk, wv, wo (frozen projections keep no input): both
-    # RMSNorms' fp32 inputs (8 dim bytes), LoRA dropout's output and mask on 4 projections (4 (w + 1) dim), SDPA's
-    # q, k, v and output (w (2 + 2 kv/heads) dim) and SwiGLU's gate, up and silu outputs (3 w hidden_dim), w the
-    # weight bytes; plus the policy's fp32 response logits, three copies. 7B, micro-batch 8: 43.3 GiB estimated;
-    # on an H100 (bench.py --ppo) the update's peak was 69.2 GiB, 25.2 of them weights: 44.0 GiB measured.
+    # activations: the KV cache of one generation chunk, exactly; for training, saved_bytes_per_token_layer() for
+    # each layer and token of both models, plus the policy's fp32 response logits, three copies. 7B, micro-batch 8:
+    # 43.3 GiB estimated; on an H100 (bench.py --ppo) the update's peak was 69.2 GiB, 25.2 of them weights.
     T, b, w = args.max_prompt_tokens + args.max_new_tokens, args.micro_batch_size, wbytes
-    kv_frac = (pcfg.n_kv_heads or pcfg.n_heads) / pcfg.n_heads
-    kv = 2 * pcfg.n_layers * ppo.PPOConfig.generate_batch_size * T * kv_frac * pcfg.dim * w
-    per_token_layer = 8 * pcfg.dim + 4 * (w + 1) * pcfg.dim + w * (2 + 2 * kv_frac) * pcfg.dim + 3 * w * pcfg.hidden_dim
-    act = 2 * pcfg.n_layers * b * T * per_token_layer + 3 * b * args.max_new_tokens * pcfg.vocab_size * 4
+    kv = 2 * pcfg.n_layers * ppo.PPOConfig.generate_batch_size * T * (pcfg.n_kv_heads or pcfg.n_heads) * (pcfg.dim // pcfg.n_heads) * w
+    act = 2 * pcfg.n_layers * b * T * saved_bytes_per_token_layer(pcfg, w) + 3 * b * args.max_new_tokens * pcfg.vocab_size * 4
     print(f"activations: KV cache for {ppo.PPOConfig.generate_batch_size} sequences x {T} tokens {gib(kv).strip()} "
           f"GiB; training micro-batch of {b} x {T} tokens (policy + value) ~{gib(act).strip()} GiB (estimate)")
+
+
+def saved_bytes_per_token_layer(cfg, w):
+    """What autograd keeps per token and layer when training LoRA on wq, wk, wv, wo (frozen projections keep
+    no input), w = weight bytes: both RMSNorms' fp32 inputs (8 dim), LoRA dropout's output and 1-byte mask on the
+    4 projections (4 (w + 1) dim), SDPA's q, k, v and output (4 w dim; grouped-query k, v are repeated first)
+    and SwiGLU's gate, up and silu outputs (3 w hidden_dim). Small terms (rank-8 intermediates, SDPA's
+    log-sum-exp) are left out."""
+    return 8 * cfg.dim + 4 * (w + 1) * cfg.dim + 4 * w * cfg.dim + 3 * w * cfg.hidden_dim
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -429,7 +433,7 @@ def main(argv=None):
             os.makedirs(old)
             for f in ours:
                 os.replace(os.path.join(args.out, f), os.path.join(old, f))
-            log(f"moved the earlier run in {args.out} ({', '.join(ours)}) to {old}; --resume would continue it")
+            log(f"moved the earlier run in {args.out} ({', '.join(ours)}) to {old} (`--out {old} --resume` would continue it)")
 
     def run_eval(step):  # held-out greedy outputs -> stats, and AlpacaEval JSON in OUT/eval/
         texts, estats = evaluate(policy, ref, reward_model, tokenizer, eval_records, args, dev)
