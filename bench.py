@@ -77,8 +77,8 @@ def S(n, p):  # tokens per row that generate(use_cache=False) pushes through the
 def bench_ppo(args, device, dtype):
     """One PPO step at a preset's shape: rollout (generate, then score) and the update per micro-batch size."""
     cfg, P, N, R = get_preset(args.preset), args.prompt_len, args.new_tokens, args.rollout_batch
-    gib = lambda: torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    sync = lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    gib = lambda: torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # the frozen weights are created in bf16 on the device: no fp32 copy of 7B
     try:
@@ -100,7 +100,7 @@ def bench_ppo(args, device, dtype):
     for mb in args.micro_batches:
         pcfg = ppo.PPOConfig(estimator="js", rollout_batch_size=R, step_batch_size=min(args.step_batch, R),
                              micro_batch_size=mb, max_new_tokens=N)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         try:
             batch, stats = ppo.rollout(policy, value, reward_model, prompts, mask, pcfg, 0.02, eos_id=None,
@@ -109,20 +109,16 @@ def bench_ppo(args, device, dtype):
                          mb, stats["time_generate"], R * N / stats["time_generate"], gib()))
             rows.append((f"rollout: score (policy, reference, value, reward model; {R} x {P + N} tokens)",
                          mb, stats["time_score"], R * (P + N) / stats["time_score"], gib()))
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            sync()
-            t0 = time.perf_counter()
-            ppo.ppo_update(policy, value, optimizer, scheduler, batch, pcfg)
-            sync()
-            t = time.perf_counter() - t0
+            t, _ = best_time(lambda: ppo.ppo_update(policy, value, optimizer, scheduler, batch, pcfg), 1, device)
             rows.append((f"update: {pcfg.ppo_epochs} epochs, step batch {pcfg.step_batch_size}, policy + value "
                          f"fwd+bwd", mb, t, pcfg.ppo_epochs * R * (P + N) / t, gib()))
         except torch.cuda.OutOfMemoryError:
             rows.append((f"out of device memory at micro-batch {mb}", mb, float("nan"), float("nan"), gib()))
         batch = None  # free this rollout before the next micro-batch size
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
     print("\n| phase | micro-batch | seconds | tokens/s | peak memory (GiB) |")
     print("|---|---:|---:|---:|---:|")

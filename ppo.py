@@ -274,8 +274,9 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
                  response_length=fmask.sum(1).mean().item(),
                  eos_fraction=has_eos.float().mean().item(),
                  kl_coef=kl_coef)
-    # seconds; the .item() calls above have waited for the devices
-    stats.update(time_generate=t1 - t0, time_score=time.time() - t1)   # 1a; 1b-3 (log-probs, reference, values, score, GAE)
+    # seconds of 1a and of 1b-3 (log-probs, reference, values, score, GAE); the .item() calls above have waited
+    # for the devices
+    stats.update(time_generate=t1 - t0, time_score=time.time() - t1)
     return batch, stats
 
 

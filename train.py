@@ -178,8 +178,10 @@ def dry_run(args, devices):
     # each layer and token of both models, plus the policy's fp32 response logits, three copies. 7B, micro-batch 8:
     # 43.3 GiB estimated; on an H100 (bench.py --ppo) the update's peak was 69.2 GiB, 25.2 of them weights.
     T, b, w = args.max_prompt_tokens + args.max_new_tokens, args.micro_batch_size, wbytes
-    kv = 2 * pcfg.n_layers * ppo.PPOConfig.generate_batch_size * T * (pcfg.n_kv_heads or pcfg.n_heads) * (pcfg.dim // pcfg.n_heads) * w
-    act = 2 * pcfg.n_layers * b * T * saved_bytes_per_token_layer(pcfg, w) + 3 * b * args.max_new_tokens * pcfg.vocab_size * 4
+    kv_dim = (pcfg.n_kv_heads or pcfg.n_heads) * (pcfg.dim // pcfg.n_heads)
+    kv = 2 * pcfg.n_layers * ppo.PPOConfig.generate_batch_size * T * kv_dim * w
+    act = (2 * pcfg.n_layers * b * T * saved_bytes_per_token_layer(pcfg, w)
+           + 3 * b * args.max_new_tokens * pcfg.vocab_size * 4)
     print(f"activations: KV cache for {ppo.PPOConfig.generate_batch_size} sequences x {T} tokens {gib(kv).strip()} "
           f"GiB; training micro-batch of {b} x {T} tokens (policy + value) ~{gib(act).strip()} GiB (estimate)")
 
@@ -433,7 +435,8 @@ def main(argv=None):
             os.makedirs(old)
             for f in ours:
                 os.replace(os.path.join(args.out, f), os.path.join(old, f))
-            log(f"moved the earlier run in {args.out} ({', '.join(ours)}) to {old} (`--out {old} --resume` would continue it)")
+            log(f"moved the earlier run in {args.out} ({', '.join(ours)}) to {old} "
+                f"(`--out {old} --resume` would continue it)")
 
     def run_eval(step):  # held-out greedy outputs -> stats, and AlpacaEval JSON in OUT/eval/
         texts, estats = evaluate(policy, ref, reward_model, tokenizer, eval_records, args, dev)

@@ -93,10 +93,10 @@ def test_a_new_run_never_overwrites_an_earlier_one(setup, tmp_path):
     for i in (1, 2, 3):  # the same command three times into the same OUT
         r = run(base_args(setup, out, "--steps", "1", "--seed", str(i)))
         assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint", "metrics.jsonl", "previous-1", "previous-2"]
+    run_files = ["adapter", "checkpoint", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == run_files + ["previous-1", "previous-2"]
     for prev, seed in ((out / "previous-1", 1), (out / "previous-2", 2), (out, 3)):  # each run's files, whole
-        assert sorted(p.name for p in prev.iterdir() if "previous" not in p.name) == ["adapter", "checkpoint",
-                                                                                     "metrics.jsonl"]
+        assert sorted(p.name for p in prev.iterdir() if "previous" not in p.name) == run_files
         assert torch.load(prev / "checkpoint" / "state.pt", weights_only=True)["args"]["seed"] == seed
         assert [m["step"] for m in metrics(prev)] == [1]
     assert f"to {out}/previous-2 (`--out {out}/previous-2 --resume` would continue it)" in r.stdout
