@@ -1,24 +1,22 @@
 """
-The built-in small world: every ingredient of the paper's RLHF experiment, generated on a CPU in minutes.
+The built-in small world: every ingredient of the paper's RLHF experiment, built on a CPU in minutes.
 
 AlpacaFarm (Dubois et al. 2023, arXiv 2305.14387) gives the paper an SFT policy, a reward model learned from
-(simulated) preferences, PPO prompts, and simulated annotators that compute win rates. This file builds a
-miniature of each, with no downloads:
+simulated preferences, PPO prompts and simulated annotators. tasks.py writes the data (tasks with long,
+checkable answers, an imperfect teacher, a gold annotator and a length-biased training annotator); this
+file builds the models from it, one stage at a time:
 
-  tasks      procedural instructions whose answers a program checks (copy, reverse, uppercase, count, first
-             word, last word, larger number, addition) over 12 short words and small numbers, in the Alpaca
-             template, split like AlpacaFarm into SFT demonstrations / preference prompts / PPO prompts /
-             held-out evaluation prompts with reference outputs
-  teacher    writes the SFT demonstrations with systematic misconceptions on hard instances (long lists,
-             carries, close numbers), so the SFT policy is imperfect in a way RL can fix
-  annotator  correct beats incorrect; otherwise closer to the right answer (character edit distance); then
-             shorter; then a tie. Training labels are flipped with probability `noise` (AlpacaFarm: 25%),
-             evaluation is noise-free, as in AlpacaFarm
-  stage 0    a sentencepiece tokenizer trained on the generated text (byte fallback: nothing is unknown)
-  stage 1    a small LLaMA trained by supervised fine-tuning on the teacher's demonstrations
-  stage 2    a reward model trained with the Bradley-Terry loss on annotator-labelled pairs of SFT samples
+  1 splits     prompts split like AlpacaFarm: SFT demonstrations / preference / PPO / evaluation prompts
+  2 tokenizer  sentencepiece BPE trained on the text; the Alpaca template's fixed parts are single pieces
+  3 sft        a small LLaMA trained from scratch on the teacher's demonstrations (stage 1 of RLHF)
+  4 pairs      two temperature-1 samples of the SFT policy per preference prompt, labelled by the training
+               annotator (length bias, label noise)
+  5 reward     a reward model (SFT backbone + scalar head) fitted with the Bradley-Terry loss (stage 2)
 
-    python world.py --out .world/seed0 --seed 0     # builds once (~5 min on 2 CPU cores); then a no-op
+Each stage writes its files atomically and then a marker, in a temporary sibling directory that is renamed
+into place at the end: a killed build is resumed from its last finished stage by the next call.
+
+    python world.py --out .world/seed0 --seed 0     # builds once (minutes on 2 CPU cores); then a no-op
     python -m pytest tests/test_world.py
 """
 import argparse
@@ -30,222 +28,90 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 import llama
 import reward
-
-# -----------------------------------------------------------------------------
-# tasks: each is (instruction paraphrases, generator, solver, "hard" predicate, the teacher's misconception).
-# Solvers read the prompt text only, so a checker never trusts a stored answer.
-
-WORDS = ["ant", "bee", "box", "cat", "cup", "dog", "egg", "fig", "hat", "jam", "map", "sun"]
+from tasks import TASKS, answer, check, label_pairs, make_splits, mean_se, paired_difference, prefer, win_rate
 
 
-def _words(rng, lo, hi):
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+@dataclass
+class WorldConfig:
+    # data, split like AlpacaFarm (10k SFT / 10k preference / 20k PPO / 805 evaluation), smaller where it costs
+    n_sft: int = 10000
+    n_pref: int = 12000  # two SFT samples each; ~40% of the pairs differ
+    n_ppo: int = 4000
+    n_eval: int = 300
+    p_hard: float = 0.6  # the teacher's misconception rate on hard instances
+    p_slip: float = 0.05  # the teacher's random error rate otherwise
+    ref_error: float = 0.25  # the reference outputs' random error rate
+    length_bias: float = 0.3  # how often the training annotator just prefers the longer response
+    noise: float = 0.25  # training label flips (AlpacaFarm's training annotators)
+    # the world's LLaMA (policy, reference, reward and value backbones)
+    vocab_size: int = 512
+    dim: int = 64
+    n_layers: int = 3
+    n_heads: int = 4
+    hidden_dim: int = 192
+    max_seq_len: int = 160
+    max_new_tokens: int = 96  # room for responses to grow past the longest right answer (~75 tokens)
+    # stage 3: SFT; stage 5: reward model
+    sft_steps: int = 4000
+    sft_batch_size: int = 32
+    sft_lr: float = 3e-3
+    rm_epochs: int = 3
+    rm_batch_size: int = 32
+    rm_lr: float = 3e-4
+    rm_holdout: float = 0.1  # fraction of the pairs held out for the reward model's accuracy
+
+    def model(self, vocab_size):
+        return llama.LlamaConfig(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=vocab_size,
+                                 hidden_dim=self.hidden_dim, max_seq_len=self.max_seq_len)
 
 
-def _nums(text):
-    return [int(t) for t in re.findall(r"\d+", text)]
+LAYOUT = {"tokenizer": "tokenizer.model", "policy": "sft", "reward": "reward", "sft_data": "data/sft.json",
+          "pref_prompts": "data/pref.json", "pairs": "data/pairs.json", "prompts": "data/ppo.json",
+          "eval": "data/eval.json", "info": "world.json"}
 
 
-def _pair(rng):
-    a = rng.randint(10, 99)  # half of the pairs share the tens digit, the teacher's hard case
-    b = rng.randint(10 * (a // 10), 10 * (a // 10) + 9) if rng.random() < 0.5 else rng.randint(10, 99)
-    return f"{a} {b}" if a != b else _pair(rng)
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)  # a reader never sees half a file
 
 
-@dataclass(frozen=True)
-class Task:
-    instructions: tuple  # paraphrases; "{a}", "{b}" are filled for tasks without input
-    gen: object  # rng -> input text (or "a b" numbers for an instruction-only task)
-    solve: object  # (instruction, input) -> the correct output
-    hard: object  # (instruction, input) -> is this an instance the teacher gets systematically wrong?
-    mistake: object  # (instruction, input) -> the teacher's wrong output on hard instances
-    has_input: bool = True
-
-
-TASKS = {
-    "copy": Task(("Repeat the input exactly.", "Copy the input."),
-                 lambda r: _words(r, 2, 5), lambda i, x: " ".join(x.split()),
-                 lambda i, x: len(x.split()) >= 4, lambda i, x: " ".join(x.split()[:-1])),  # drops the last word
-    "reverse": Task(("Reverse the order of the words.", "Write the words in reverse order."),
-                    lambda r: _words(r, 2, 4), lambda i, x: " ".join(x.split()[::-1]),
-                    lambda i, x: len(x.split()) >= 4, lambda i, x: " ".join(x.split()[::-1][:-1])),
-    "upper": Task(("Rewrite the input in capital letters.", "Write the input in uppercase."),
-                  lambda r: _words(r, 1, 4), lambda i, x: x.upper(),  # misconception: last word stays lowercase
-                  lambda i, x: len(x.split()) >= 3, lambda i, x: " ".join(x.upper().split()[:-1] + x.split()[-1:])),
-    "count": Task(("How many words are in the input?", "Count the words in the input."),
-                  lambda r: _words(r, 2, 9), lambda i, x: str(len(x.split())),
-                  lambda i, x: len(x.split()) >= 6, lambda i, x: str(len(x.split()) - 1)),
-    "first": Task(("What is the first word of the input?", "Which word comes first in the input?"),
-                  lambda r: _words(r, 3, 7), lambda i, x: x.split()[0],
-                  lambda i, x: len(x.split()) >= 6, lambda i, x: x.split()[1]),
-    "last": Task(("What is the last word of the input?", "Which word comes last in the input?"),
-                 lambda r: _words(r, 3, 7), lambda i, x: x.split()[-1],
-                 lambda i, x: len(x.split()) >= 6, lambda i, x: x.split()[-2]),
-    "larger": Task(("Which number is larger?", "Write the larger of the two numbers."),
-                   _pair, lambda i, x: str(max(_nums(x))),  # misconception: the first one when the tens agree
-                   lambda i, x: _nums(x)[0] // 10 == _nums(x)[1] // 10 and _nums(x)[0] < _nums(x)[1],
-                   lambda i, x: str(_nums(x)[0])),
-    "add": Task(("What is {a} plus {b}?", "Add {a} and {b}."),  # misconception: drops the carry, 47 + 5 = 42
-                lambda r: f"{r.randint(10, 99)} {r.randint(1, 9)}", lambda i, x: str(sum(_nums(i))),
-                lambda i, x: sum(n % 10 for n in _nums(i)) >= 10,
-                lambda i, x: str(_nums(i)[0] // 10 * 10 + sum(n % 10 for n in _nums(i)) % 10), has_input=False),
-}
-
-
-def normalize(text):
-    return " ".join(text.split())
-
-
-def answer(record):
-    """The correct output of a record, computed from its prompt text."""
-    return TASKS[record["task"]].solve(record["instruction"], record.get("input") or "")
-
-
-def check(record, response):
-    """Task accuracy: is the response exactly the right answer (up to whitespace)?"""
-    return normalize(response) == answer(record)
-
-
-def slip(text, rng):
-    """A random error (not a misconception): a number off by one, two words swapped, or one word replaced."""
-    if text.isdigit():
-        return str(int(text) + rng.choice((-1, 1)))
-    w = text.split()
-    if len(w) >= 2 and rng.random() < 0.5:
-        i = rng.randrange(len(w) - 1)
-        if w[i] != w[i + 1]:
-            w[i], w[i + 1] = w[i + 1], w[i]
-            return " ".join(w)
-    i = rng.randrange(len(w))
-    w[i] = rng.choice([v for v in WORDS if v != w[i].lower()])
-    return " ".join(w)
-
-
-def teacher(record, rng, p_hard, p_slip):
-    """The imperfect demonstrator: its misconception on hard instances with probability p_hard, else a
-    random slip with probability p_slip, else the right answer."""
-    task, truth = TASKS[record["task"]], answer(record)
-    if task.hard(record["instruction"], record["input"]) and rng.random() < p_hard:
-        out = task.mistake(record["instruction"], record["input"])
-        return out if out != truth else slip(truth, rng)  # e.g. sorting all but an already-last word
-    return slip(truth, rng) if rng.random() < p_slip else truth
-
-
-def make_prompt(rng):
-    name = rng.choice(sorted(TASKS))
-    task = TASKS[name]
-    instruction, x = rng.choice(task.instructions), task.gen(rng)
-    if not task.has_input:
-        a, b = x.split()
-        instruction, x = instruction.format(a=a, b=b), ""
-    return {"instruction": instruction, "input": x, "task": name}
-
-
-def make_splits(seed, n_sft, n_pref, n_ppo, n_eval, p_hard=0.75, p_slip=0.05, ref_error=0.25):
-    """Prompts split like AlpacaFarm; all prompts distinct, so evaluation prompts are held out.
-
-    sft: demonstrations {"instruction", "input", "output", "task"} by the imperfect teacher
-    pref, ppo: prompts {"instruction", "input", "task"}
-    eval: prompts with reference outputs that are wrong (a random slip) with probability ref_error, playing
-          the part of text-davinci-003, the paper's reference: a good but fallible model.
-    """
-    rng, seen, prompts = random.Random(seed), set(), []
-    n = n_sft + n_pref + n_ppo + n_eval
-    for _ in range(20 * n):
-        if len(prompts) == n:
-            break
-        p = make_prompt(rng)
-        key = (p["instruction"], p["input"])
-        if key not in seen:
-            seen.add(key)
-            prompts.append(p)
-    if len(prompts) < n:
-        raise ValueError(f"only {len(prompts)} distinct prompts could be drawn, {n} were asked for")
-    sft, pref = prompts[:n_sft], prompts[n_sft:n_sft + n_pref]
-    ppo, ev = prompts[n_sft + n_pref:n_sft + n_pref + n_ppo], prompts[n_sft + n_pref + n_ppo:]
-    sft = [{**p, "output": teacher(p, rng, p_hard, p_slip)} for p in sft]
-    ev = [{**p, "output": slip(answer(p), rng) if rng.random() < ref_error else answer(p)} for p in ev]
-    return {"sft": sft, "pref": pref, "ppo": ppo, "eval": ev}
+def read_json(path):
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 # -----------------------------------------------------------------------------
-# the simulated annotator
+# stage 2: the tokenizer
 
-def edit_distance(a, b):
-    # Levenshtein distance between two strings, one row at a time
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-def prefer(record, a, b):
-    """Noise-free preference of response a over b: 1.0 (a better), 0.0 (b better) or 0.5 (tie).
-    Rules in order: the correct one; the one closer to the right answer (edit distance); the shorter."""
-    truth, a, b = answer(record), normalize(a), normalize(b)
-    if (a == truth) != (b == truth):
-        return float(a == truth)
-    da, db = edit_distance(a, truth), edit_distance(b, truth)
-    if da != db:
-        return float(da < db)
-    if len(a) != len(b):
-        return float(len(a) < len(b))
-    return 0.5
-
-
-def label_pairs(records, outputs_1, outputs_2, noise=0.25, seed=0):
-    """AlpacaFarm-style labels: 1 if output_1 is preferred, 2 if output_2. A tie is a coin flip, and every
-    label is flipped with probability `noise` (AlpacaFarm's training annotators flip 25%)."""
-    assert len(records) == len(outputs_1) == len(outputs_2), "records and outputs must have the same length"
-    rng, labels = random.Random(seed), []
-    for rec, a, b in zip(records, outputs_1, outputs_2):
-        p, u_tie, u_flip = prefer(rec, a, b), rng.random(), rng.random()  # two draws always: stable streams
-        first = p == 1.0 or (p == 0.5 and u_tie < 0.5)
-        labels.append(2 - (first != (u_flip < noise)))
-    return labels
-
-
-def win_rate(records, outputs, references, noise=0.0, seed=0):
-    """Win rate of outputs against references (tie = 0.5) and its standard error, in [0, 1]."""
-    assert len(records) == len(outputs) == len(references), "records, outputs, references: lengths differ"
-    rng, scores = random.Random(seed), []
-    for rec, o, r in zip(records, outputs, references):
-        s = prefer(rec, o, r)
-        scores.append(1.0 - s if rng.random() < noise else s)
-    return _mean_se(scores)
-
-
-def _mean_se(xs):
-    n = len(xs)
-    mean = sum(xs) / n
-    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan")
-    return mean, se
-
-
-# -----------------------------------------------------------------------------
-# stage 0: the tokenizer
-
-def train_tokenizer(texts, path, vocab_size=768):
-    """A LLaMA-style sentencepiece BPE model (byte fallback, digits split, ids unk 0 / bos 1 / eos 2 / pad 3)."""
+def train_tokenizer(texts, path, vocab_size=512):
+    """A LLaMA-style sentencepiece BPE model (byte fallback, digits split, ids unk 0 / bos 1 / eos 2 / pad 3).
+    The template's fixed parts are user-defined pieces: a prompt costs ~20 tokens instead of ~60, and every
+    model in the world reads shorter sequences (sentencepiece writes a space as U+2581 inside its pieces)."""
     import io
     import sentencepiece as spm
-    lines = [line for t in texts for line in t.split("\n") if line.strip()]  # "\n" itself -> byte <0x0A>
+    fixed = [" " + llama.PROMPT_WITH_INPUT.split("\n")[0], " " + llama.PROMPT_NO_INPUT.split("\n")[0],
+             "\n\n### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:"]
+    lines = [line for t in texts for line in t.split("\n") if line.strip()]  # "\n" elsewhere -> byte <0x0A>
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, minloglevel=2)
-    with open(path, "wb") as f:
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, minloglevel=2,
+        user_defined_symbols=[s.replace(" ", "\u2581") for s in fixed])
+    with open(path + ".tmp", "wb") as f:
         f.write(buf.getvalue())
+    os.replace(path + ".tmp", path)
     return llama.Tokenizer(path)
 
 
@@ -256,7 +122,7 @@ def encode_pair(tok, record, response=None):
 
 
 # -----------------------------------------------------------------------------
-# stage 1: supervised fine-tuning
+# stage 3: supervised fine-tuning
 
 def lr_at(step, steps, lr, warmup):
     # linear warm-up, then cosine decay to 10% of lr
@@ -268,30 +134,36 @@ def lr_at(step, steps, lr, warmup):
 def sft_loss(model, tok, batch):
     """Mean cross-entropy of the response tokens (output + EOS) given the prompt; prompts carry no loss."""
     pairs = [encode_pair(tok, r) for r in batch]
-    tokens, mask = llama.left_pad([p + r for p, r in pairs], tok.pad_id)  # (B, T)
-    is_response = torch.zeros_like(mask)
-    for b, (_, r) in enumerate(pairs):
-        is_response[b, tokens.shape[1] - len(r):] = 1
-    logits = model(tokens[:, :-1], mask[:, :-1])  # (B, T-1, V): position t predicts token t+1
-    nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # (B, T-1)
-    w = is_response[:, 1:].float()
+    tokens, mask = llama.left_pad([p + r for p, r in pairs], tok.pad_id)  # (B, T), responses at the right end
+    N = max(len(r) for _, r in pairs)
+    h = model.hidden(tokens[:, :-1], mask[:, :-1])[:, -N:]  # (B, N, dim): the states that predict the last N
+    logits = model.output(h).float()  # (B, N, V), the head only where there is a loss
+    nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, -N:], reduction="none")  # (B, N)
+    w = torch.tensor([[0.0] * (N - len(r)) + [1.0] * len(r) for _, r in pairs])  # (B, N): response tokens
     return (nll * w).sum() / w.sum()
 
 
-def train_sft(model, tok, records, steps, batch_size, lr, seed, log=print):
+def train_sft(model, tok, records, steps, batch_size, lr, seed, log=print, every=30.0):
     g = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     model.train()
+    t0 = last = time.time()
+    n_tokens = [sum(map(len, encode_pair(tok, r))) for r in records]
     for step in range(steps):
+        if step % 8 == 0:  # draw 8 batches at once and group them by length: a batch pads to its longest
+            pool = sorted((g.randrange(len(records)) for _ in range(8 * batch_size)), key=lambda i: n_tokens[i])
+            batches = [[records[i] for i in pool[j:j + batch_size]] for j in range(0, len(pool), batch_size)]
+            g.shuffle(batches)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
-        loss = sft_loss(model, tok, [g.choice(records) for _ in range(batch_size)])
+        loss = sft_loss(model, tok, batches[step % 8])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if log and (step + 1) % max(1, steps // 5) == 0:
-            log(f"    sft step {step + 1}/{steps}  loss {loss.item():.3f}")
+        if log and (time.time() - last >= every or step + 1 == steps):
+            last = time.time()
+            log(f"    sft step {step + 1}/{steps}  loss {loss.item():.3f}  ({last - t0:.0f} s)")
     model.eval()
     return model
 
@@ -299,20 +171,26 @@ def train_sft(model, tok, records, steps, batch_size, lr, seed, log=print):
 # -----------------------------------------------------------------------------
 # sampling and evaluation
 
-def sample(model, tok, records, temperature=0.0, max_new_tokens=24, batch_size=64, generator=None):
+def sample(model, tok, records, temperature=0.0, max_new_tokens=96, batch_size=64, generator=None, log=None,
+           every=30.0):
     """Responses to the records' prompts: texts (EOS dropped) and the generated token ids (EOS kept when
-    emitted, as the PPO rollout scores them). temperature 0 = greedy."""
-    texts, ids = [], []
-    for i in range(0, len(records), batch_size):
-        prompts = [encode_pair(tok, r, "")[0] for r in records[i:i + batch_size]]
-        tokens, mask = llama.left_pad(prompts, tok.pad_id)  # (B, P)
-        device = next(model.parameters()).device
-        out, out_mask, _ = llama.generate(model, tokens.to(device), mask.to(device), max_new_tokens, temperature=temperature,
-                                          eos_id=tok.eos_id, pad_id=tok.pad_id, generator=generator)  # (B, N)
-        for row, m in zip(out.tolist(), out_mask.tolist()):
-            y = [t for t, keep in zip(row, m) if keep]
-            ids.append(y)
-            texts.append(tok.decode([t for t in y if t != tok.eos_id]))
+    emitted, as the PPO rollout scores them). temperature 0 = greedy. A batch decodes until its longest
+    response ends, so the prompts go in task order (similar lengths together) and come back in theirs."""
+    order = sorted(range(len(records)), key=lambda i: records[i]["task"])
+    texts, ids = [None] * len(records), [None] * len(records)
+    device, t0, last = next(model.parameters()).device, time.time(), time.time()
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        tokens, mask = llama.left_pad([encode_pair(tok, records[i], "")[0] for i in rows], tok.pad_id)  # (B, P)
+        out, out_mask, _ = llama.generate(model, tokens.to(device), mask.to(device), max_new_tokens,
+                                          temperature=temperature, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                          generator=generator)  # (B, N)
+        for i, row, m in zip(rows, out.tolist(), out_mask.tolist()):
+            ids[i] = [t for t, keep in zip(row, m) if keep]
+            texts[i] = tok.decode([t for t in ids[i] if t != tok.eos_id])
+        if log and time.time() - last >= every:
+            last = time.time()
+            log(f"    sampled {start + len(rows)}/{len(records)} prompts ({last - t0:.0f} s)")
     return texts, ids
 
 
@@ -328,17 +206,16 @@ def score(reward_model, tok, records, response_ids, batch_size=64):
     return torch.cat(out)
 
 
-def evaluate(policy, tokenizer, eval_records, reward_model=None, max_new_tokens=24, batch_size=64):
-    """Greedy responses on held-out prompts -> win rate against the reference outputs (simulated annotator,
-    noise-free, ties 1/2) with its standard error, task accuracy, reward-model score, response length in
-    tokens (EOS included). True KL to the reference policy is train.py's (it needs the reference model)."""
+def evaluate(policy, tokenizer, eval_records, reward_model=None, max_new_tokens=96, batch_size=64):
+    """Greedy responses on held-out prompts -> gold win rate against the reference outputs (ties 1/2) with its
+    standard error, task accuracy, response length in tokens (EOS included) and reward-model score."""
     was_training = policy.training
     policy.eval()
     responses, ids = sample(policy, tokenizer, eval_records, 0.0, max_new_tokens, batch_size)
     policy.train(was_training)
     stats = {}
     stats["win_rate"], stats["win_rate_se"] = win_rate(eval_records, responses, [r["output"] for r in eval_records])
-    stats["accuracy"], stats["accuracy_se"] = _mean_se([float(check(r, y)) for r, y in zip(eval_records, responses)])
+    stats["accuracy"], stats["accuracy_se"] = mean_se([float(check(r, y)) for r, y in zip(eval_records, responses)])
     stats["length"] = sum(len(y) for y in ids) / len(ids)
     if reward_model is not None:
         stats["reward"] = score(reward_model, tokenizer, eval_records, ids, batch_size).mean().item()
@@ -346,59 +223,179 @@ def evaluate(policy, tokenizer, eval_records, reward_model=None, max_new_tokens=
 
 
 # -----------------------------------------------------------------------------
-# bootstrap: everything above, built once into a directory
+# the build, one function per stage. Each reads its inputs from the build directory `d` and seeds itself, so
+# a resumed build computes exactly what an uninterrupted one does; each returns (info, summary line).
 
-@dataclass
-class WorldConfig:
-    # data, split like AlpacaFarm (10k SFT / 10k preference / 20k PPO / 805 evaluation), smaller
-    n_sft: int = 10000
-    n_pref: int = 20000  # two SFT samples each; only ~1/3 of the pairs differ, so more prompts than AlpacaFarm
-    n_ppo: int = 2000
-    n_eval: int = 300
-    p_hard: float = 0.75  # the teacher's misconception rate on hard instances
-    p_slip: float = 0.05  # the teacher's random error rate otherwise
-    ref_error: float = 0.25  # the reference outputs' random error rate
-    noise: float = 0.25  # annotator label flips on the preference pairs (AlpacaFarm's training pool)
-    # the world's LLaMA (policy, reference, reward and value backbones)
-    vocab_size: int = 768
-    dim: int = 64
-    n_layers: int = 3
-    n_heads: int = 4
-    hidden_dim: int = 192
-    max_seq_len: int = 128  # prompts are ~40-60 tokens, responses <= 12
-    # stage 1: SFT; stage 2: reward model
-    sft_steps: int = 3000
-    sft_batch_size: int = 32
-    sft_lr: float = 3e-3
-    rm_epochs: int = 3
-    rm_batch_size: int = 32
-    rm_lr: float = 1e-3
-    rm_holdout: float = 0.1  # fraction of the pairs held out for the reward model's accuracy
-    max_new_tokens: int = 24
-
-    def model(self, vocab_size):
-        return llama.LlamaConfig(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=vocab_size,
-                                 hidden_dim=self.hidden_dim, max_seq_len=self.max_seq_len)
+def path(d, name):
+    return os.path.join(d, LAYOUT[name])
 
 
-LAYOUT = {"tokenizer": "tokenizer.model", "policy": "sft", "reward": "reward", "sft_data": "data/sft.json",
-          "pairs": "data/pairs.json", "prompts": "data/ppo.json", "eval": "data/eval.json", "info": "world.json"}
+def publish(tmp, final):
+    # a directory appears complete or not at all; one left by a build killed before its marker is replaced
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+def build_splits(d, cfg, seed, log):
+    splits = make_splits(seed, cfg.n_sft, cfg.n_pref, cfg.n_ppo, cfg.n_eval, cfg.p_hard, cfg.p_slip, cfg.ref_error)
+    os.makedirs(os.path.join(d, "data"), exist_ok=True)
+    for name, split in (("sft_data", "sft"), ("pref_prompts", "pref"), ("prompts", "ppo"), ("eval", "eval")):
+        write_json(path(d, name), splits[split])
+    info = {"teacher_accuracy": mean_se([float(check(r, r["output"])) for r in splits["sft"]])[0],
+            "reference_accuracy": mean_se([float(check(r, r["output"])) for r in splits["eval"]])[0]}
+    return info, (f"splits: {len(TASKS)} tasks; {cfg.n_sft} demonstrations (teacher accuracy "
+                  f"{info['teacher_accuracy']:.2f}), {cfg.n_pref} preference / {cfg.n_ppo} PPO / {cfg.n_eval} "
+                  f"evaluation prompts (reference accuracy {info['reference_accuracy']:.2f})")
 
 
-def bootstrap(out, seed=0, cfg=None, log=print):
+def build_tokenizer(d, cfg, seed, log):
+    records = [r for name in ("sft_data", "pref_prompts", "prompts", "eval") for r in read_json(path(d, name))]
+    texts = [llama.alpaca_prompt(r["instruction"], r["input"]) for r in records]
+    tok = train_tokenizer(texts + [r["output"] for r in records if "output" in r], path(d, "tokenizer"),
+                          cfg.vocab_size)
+    longest = max(len(encode_pair(tok, r, "")[0]) for r in records)
+    if longest + cfg.max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"max_seq_len {cfg.max_seq_len} is too short: prompts reach {longest} tokens with this "
+                         f"tokenizer, plus max_new_tokens {cfg.max_new_tokens}")
+    lengths = [len(encode_pair(tok, r)[1]) for r in read_json(path(d, "sft_data"))]
+    info = {"pieces": tok.n_words, "longest_prompt": longest, "demo_length_mean": sum(lengths) / len(lengths),
+            "demo_length_max": max(lengths)}
+    return info, (f"tokenizer: {tok.n_words} pieces, longest prompt {longest} tokens; demonstrations "
+                  f"{info['demo_length_mean']:.1f} tokens on average (EOS included), at most {max(lengths)}")
+
+
+def build_sft(d, cfg, seed, log):
+    torch.manual_seed(seed)
+    tok = llama.Tokenizer(path(d, "tokenizer"))
+    policy = llama.Llama(cfg.model(tok.n_words))
+    n_params = sum(p.numel() for p in policy.parameters())
+    log(f"    SFT of a {n_params / 1e6:.2f}M-parameter LLaMA: {cfg.sft_steps} steps of {cfg.sft_batch_size}")
+    train_sft(policy, tok, read_json(path(d, "sft_data")), cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, seed, log)
+    tmp = path(d, "policy") + ".tmp"
+    llama.save_hf(policy, tmp)
+    shutil.copy(path(d, "tokenizer"), os.path.join(tmp, "tokenizer.model"))
+    publish(tmp, path(d, "policy"))
+    info = {"parameters": n_params, **evaluate(policy, tok, read_json(path(d, "eval")), None, cfg.max_new_tokens)}
+    return info, (f"SFT: {n_params / 1e6:.2f}M parameters; held-out accuracy {info['accuracy']:.2f}, win rate vs "
+                  f"reference {info['win_rate']:.3f} ± {info['win_rate_se']:.3f}, {info['length']:.1f} tokens")
+
+
+def build_pairs(d, cfg, seed, log):
+    tok, policy = llama.Tokenizer(path(d, "tokenizer")), llama.Llama.from_pretrained(path(d, "policy"))
+    prompts, g = read_json(path(d, "pref_prompts")), torch.Generator().manual_seed(seed)
+    y1, _ = sample(policy, tok, prompts, 1.0, cfg.max_new_tokens, generator=g, log=lambda s: log(s + ", 1st of 2"))
+    y2, _ = sample(policy, tok, prompts, 1.0, cfg.max_new_tokens, generator=g, log=lambda s: log(s + ", 2nd of 2"))
+    labels = label_pairs(prompts, y1, y2, cfg.length_bias, cfg.noise, seed)
+    write_json(path(d, "pairs"), [{**r, "output_1": a, "output_2": b, "preference": lab}
+                                  for r, a, b, lab in zip(prompts, y1, y2, labels)])
+    gold = [(prefer(r, a, b), lab) for r, a, b, lab in zip(prompts, y1, y2, labels)]
+    strict = [(p, lab) for p, lab in gold if p != 0.5]
+    info = {"pairs": len(prompts), "different": sum(a != b for a, b in zip(y1, y2)),
+            "label_gold_agreement": sum((p == 1.0) == (lab == 1) for p, lab in strict) / max(1, len(strict))}
+    return info, (f"pairs: {len(prompts)} labelled (length bias {cfg.length_bias}, noise {cfg.noise}), "
+                  f"{info['different']} with two different responses; the labels agree with the gold annotator on "
+                  f"{info['label_gold_agreement']:.2f} of the pairs it does not call a tie")
+
+
+def build_reward(d, cfg, seed, log):
+    torch.manual_seed(seed)
+    tok, policy = llama.Tokenizer(path(d, "tokenizer")), llama.Llama.from_pretrained(path(d, "policy"))
+    pairs = [p for p in read_json(path(d, "pairs")) if p["output_1"] != p["output_2"]]  # a tie teaches nothing
+    seqs = [(sum(encode_pair(tok, p, p["output_1"]), []), sum(encode_pair(tok, p, p["output_2"]), [])) for p in pairs]
+    token_pairs = [(a, b) if p["preference"] == 1 else (b, a) for p, (a, b) in zip(pairs, seqs)]  # (chosen, rejected)
+    n_hold = max(1, int(cfg.rm_holdout * len(token_pairs)))
+    rm = reward.RewardModel(policy.cfg)
+    rm.backbone.load_state_dict(policy.state_dict())  # as AlpacaFarm: the reward model starts from the SFT model
+    rm_acc = reward.train_reward_model(rm, token_pairs[n_hold:], token_pairs[:n_hold], cfg.rm_epochs, cfg.rm_lr,
+                                       cfg.rm_batch_size, tok.pad_id, seed, log=lambda s: log("    " + s))
+    # on the held-out pairs: agreement with the gold annotator where it has a preference, and how often the
+    # reward model prefers the longer response where the gold annotator prefers the shorter one
+    gold, shorter = [], []
+    for p, (a, b) in zip(pairs[:n_hold], seqs[:n_hold]):
+        g = prefer(p, p["output_1"], p["output_2"])
+        if g != 0.5:
+            gold.append((a, b) if g == 1.0 else (b, a))
+            if len(a) != len(b) and (len(a) < len(b)) == (g == 1.0):
+                shorter.append((a, b) if g == 1.0 else (b, a))
+    acc = lambda ps: reward.preference_accuracy(rm, ps, cfg.rm_batch_size, tok.pad_id) if ps else float("nan")
+    info = {"accuracy": rm_acc, "gold_agreement": acc(gold), "gold_agreement_shorter_better": acc(shorter),
+            "gold_pairs": len(gold), "shorter_better_pairs": len(shorter)}
+    rm.eval()
+    tmp = path(d, "reward") + ".tmp"
+    rm.save(tmp)
+    shutil.copy(path(d, "tokenizer"), os.path.join(tmp, "tokenizer.model"))
+    publish(tmp, path(d, "reward"))
+    return info, (f"reward model: held-out accuracy {rm_acc:.3f} on the training labels; agrees with the gold "
+                  f"annotator on {info['gold_agreement']:.3f} ({len(gold)} pairs), on {info['gold_agreement_shorter_better']:.3f} "
+                  f"where the gold annotator prefers the shorter response ({len(shorter)})")
+
+
+STAGES = [("splits", build_splits), ("tokenizer", build_tokenizer), ("sft", build_sft), ("pairs", build_pairs),
+          ("reward", build_reward)]
+
+
+# -----------------------------------------------------------------------------
+# bootstrap: the stages above, built once into a directory, resumable
+
+def read_world(file):
+    """The world's description (world.json); a damaged file is one ValueError naming it."""
+    try:
+        info = read_json(file)
+        assert isinstance(info, dict) and isinstance(info.get("config"), dict)
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        raise ValueError(f"{file} is not a world description (damaged?); delete {os.path.dirname(file)} to rebuild "
+                         f"it") from None
+    return info
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def claim_build_dir(out, spec, log):
+    """Our temporary build directory `OUT.tmp-PID`. A build left by a dead process (or by this one, after an
+    exception) with the same settings is taken over, with its finished stages; other dead ones are removed."""
+    parent, base = os.path.split(os.path.abspath(out))
+    tmp = os.path.join(parent, f"{base}.tmp-{os.getpid()}")
+    found = []
+    for name in sorted(os.listdir(parent)):
+        m = re.fullmatch(re.escape(base) + r"\.tmp-(\d+)", name)
+        if m and (int(m[1]) == os.getpid() or not alive(int(m[1]))):
+            d = os.path.join(parent, name)
+            try:
+                same = read_json(os.path.join(d, "spec.json")) == spec
+            except (OSError, ValueError):
+                same = False
+            done = sum(os.path.exists(os.path.join(d, f".done-{s}.json")) for s, _ in STAGES) if same else -1
+            found.append((done, d))
+    found.sort(reverse=True)
+    for i, (done, d) in enumerate(found):
+        if i == 0 and done > 0:
+            if d != tmp:
+                os.replace(d, tmp)
+                log(f"[world] resuming the build left in {d} ({done} of {len(STAGES)} stages finished)")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            log(f"[world] removed {d}, left by an interrupted build")
+    os.makedirs(tmp, exist_ok=True)
+    write_json(os.path.join(tmp, "spec.json"), spec)
+    return tmp
+
+
+def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
     """Build the world into directory `out` once; later calls check the settings and return the paths.
     cfg=None takes a world already built in `out` as it is (train.py does this, so a smaller world built with
-    `python world.py` works too), and builds WorldConfig()'s otherwise. Built in a temporary sibling directory
-    and renamed into place, so `out` is either absent or complete."""
+    `python world.py` works too), and builds WorldConfig()'s otherwise."""
+    log = log or (lambda *a: None)
     paths = {k: os.path.join(out, v) for k, v in LAYOUT.items()}
     if os.path.exists(paths["info"]):
-        with open(paths["info"]) as f:
-            built = json.load(f)["config"]
+        built = read_world(paths["info"])["config"]
         spec = {"seed": seed, **asdict(cfg)} if cfg is not None else {**built, "seed": seed}
         if built != spec:
             diff = ", ".join(f"{k}: {built.get(k)} (built) vs {v} (asked)" for k, v in spec.items() if built.get(k) != v)
@@ -408,117 +405,75 @@ def bootstrap(out, seed=0, cfg=None, log=print):
     spec = {"seed": seed, **asdict(cfg)}
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"{out} exists but holds no {LAYOUT['info']}; delete it or use another directory")
-    tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "data"))
+    log(f"[world] building the small world into {out}: once, about 6 minutes on 2 CPU cores; later runs reuse it")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp, t0, info = claim_build_dir(out, spec, log), time.time(), {}
+    for i, (name, build) in enumerate(STAGES, 1):
+        marker = os.path.join(tmp, f".done-{name}.json")
+        if os.path.exists(marker):
+            info[name] = read_json(marker)
+            log(f"[world] {i}/{len(STAGES)} {name}: finished by the earlier build")
+            continue
+        t = time.time()
+        info[name], line = build(tmp, cfg, seed, log)
+        write_json(marker, info[name])
+        log(f"[world] {i}/{len(STAGES)} {line} ({time.time() - t:.0f} s; {time.time() - t0:.0f} s in all)")
+    write_json(os.path.join(tmp, LAYOUT["info"]), {"config": spec, **info})
     try:
-        info = _build(tmp, seed, cfg, log or (lambda *a: None))
-        _write_json(os.path.join(tmp, LAYOUT["info"]), {"config": spec, **info})
         if os.path.isdir(out):
             os.rmdir(out)  # empty
         os.rename(tmp, out)
     except OSError:
         if not os.path.exists(paths["info"]):  # a concurrent builder finishing first is fine
             raise
-    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for name in ["spec.json"] + [f".done-{s}.json" for s, _ in STAGES]:  # world.json holds what they held
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     return paths
 
 
-def _build(out, seed, cfg, log):
-    t0 = time.time()
-    stage = lambda i, text: log(f"[world] {i}/5 {text} ({time.time() - t0:.0f} s)")
-    torch.manual_seed(seed)
-    P = lambda name: os.path.join(out, LAYOUT[name])
-
-    # 1. tasks: prompts split like AlpacaFarm, the teacher's demonstrations, reference outputs
-    splits = make_splits(seed, cfg.n_sft, cfg.n_pref, cfg.n_ppo, cfg.n_eval, cfg.p_hard, cfg.p_slip, cfg.ref_error)
-    for name, split in (("sft_data", "sft"), ("prompts", "ppo"), ("eval", "eval")):
-        _write_json(P(name), splits[split])
-    teacher_acc = sum(check(r, r["output"]) for r in splits["sft"]) / len(splits["sft"])
-    ref_acc = sum(check(r, r["output"]) for r in splits["eval"]) / len(splits["eval"])
-    stage(1, f"tasks: {len(TASKS)} kinds; {cfg.n_sft} demonstrations (teacher accuracy {teacher_acc:.2f}), "
-             f"{cfg.n_pref} preference / {cfg.n_ppo} PPO / {cfg.n_eval} evaluation prompts (reference accuracy {ref_acc:.2f})")
-
-    # 2. tokenizer, trained on every prompt and demonstration
-    texts = [llama.alpaca_prompt(r["instruction"], r["input"]) for split in splits.values() for r in split]
-    tok = train_tokenizer(texts + [r["output"] for r in splits["sft"] + splits["eval"]], P("tokenizer"), cfg.vocab_size)
-    longest = max(len(encode_pair(tok, r, "")[0]) for split in splits.values() for r in split)
-    if longest + cfg.max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"max_seq_len {cfg.max_seq_len} is too short: prompts reach {longest} tokens with this "
-                         f"tokenizer, plus max_new_tokens {cfg.max_new_tokens}")
-    stage(2, f"tokenizer: {tok.n_words} pieces, longest prompt {longest} tokens")
-
-    # 3. stage 1: SFT of a fresh LLaMA on the teacher's demonstrations
-    policy = llama.Llama(cfg.model(tok.n_words))
-    n_params = sum(p.numel() for p in policy.parameters())
-    train_sft(policy, tok, splits["sft"], cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, seed, log)
-    llama.save_hf(policy, P("policy"))
-    shutil.copy(P("tokenizer"), os.path.join(P("policy"), "tokenizer.model"))
-    sft_stats = evaluate(policy, tok, splits["eval"], max_new_tokens=cfg.max_new_tokens)
-    stage(3, f"SFT: {n_params / 1e6:.2f}M parameters, {cfg.sft_steps} steps; held-out accuracy "
-             f"{sft_stats['accuracy']:.2f}, win rate vs reference {sft_stats['win_rate']:.3f} ± {sft_stats['win_rate_se']:.3f}")
-
-    # 4. preference pairs: two samples per prompt from the SFT policy, labelled by the noisy annotator
-    g = torch.Generator().manual_seed(seed)
-    prompts = splits["pref"]
-    y1, ids1 = sample(policy, tok, prompts, 1.0, cfg.max_new_tokens, generator=g)
-    y2, ids2 = sample(policy, tok, prompts, 1.0, cfg.max_new_tokens, generator=g)
-    labels = label_pairs(prompts, y1, y2, cfg.noise, seed)
-    pairs = [{**r, "output_1": a, "output_2": b, "preference": lab} for r, a, b, lab in zip(prompts, y1, y2, labels)]
-    _write_json(P("pairs"), pairs)
-    # identical responses carry no preference: keep the pairs that differ, as (chosen ids, rejected ids)
-    keep = [i for i in range(len(prompts)) if ids1[i] != ids2[i]]
-    token_pairs = [(encode_pair(tok, prompts[i], "")[0] + ids1[i], encode_pair(tok, prompts[i], "")[0] + ids2[i])
-                   for i in keep]
-    token_pairs = [(a, b) if labels[i] == 1 else (b, a) for i, (a, b) in zip(keep, token_pairs)]
-    n_hold = max(1, int(cfg.rm_holdout * len(token_pairs)))
-    train_pairs, held_pairs = token_pairs[n_hold:], token_pairs[:n_hold]
-    stage(4, f"pairs: {len(pairs)} labelled (noise {cfg.noise}), {len(keep)} with two different responses, "
-             f"{len(held_pairs)} held out")
-
-    # 5. stage 2: reward model = SFT backbone + scalar head, Bradley-Terry loss (as AlpacaFarm, from the SFT model)
-    rm = reward.RewardModel(policy.cfg)
-    rm.backbone.load_state_dict(policy.state_dict())
-    rm_acc = reward.train_reward_model(rm, train_pairs, held_pairs, cfg.rm_epochs, cfg.rm_lr, cfg.rm_batch_size,
-                                       tok.pad_id, seed, log=lambda s: log("    " + s))
-    # agreement with the noise-free annotator on the held-out pairs with a strict preference, and on those
-    # where exactly one response is correct (what PPO most needs the reward model to see)
-    truth, decisive = [], []
-    for i, (a, b) in zip(keep[:n_hold], token_pairs[:n_hold]):
-        p = prefer(prompts[i], y1[i], y2[i])
-        if p != 0.5:
-            truth.append((a, b) if (p == 1.0) == (labels[i] == 1) else (b, a))
-            if check(prompts[i], y1[i]) != check(prompts[i], y2[i]):
-                decisive.append(truth[-1])
-    acc = lambda ps: reward.preference_accuracy(rm, ps, cfg.rm_batch_size, tok.pad_id) if ps else float("nan")
-    truth_acc, decisive_acc = acc(truth), acc(decisive)
-    rm.eval()
-    rm.save(P("reward"))
-    shutil.copy(P("tokenizer"), os.path.join(P("reward"), "tokenizer.model"))
-    stage(5, f"reward model: held-out accuracy {rm_acc:.3f} on noisy labels; against the noise-free annotator "
-             f"{truth_acc:.3f} ({len(truth)} pairs), {decisive_acc:.3f} where one response is correct ({len(decisive)})")
-    return {"seconds": round(time.time() - t0, 1), "teacher_accuracy": teacher_acc, "reference_accuracy": ref_acc,
-            "sft": sft_stats, "reward_model_accuracy": rm_acc, "reward_model_true_accuracy": truth_acc,
-            "reward_model_correct_vs_incorrect_accuracy": decisive_acc}
+def judge(outputs_file, eval_file, baseline_file=None):
+    """The gold annotator's verdict on a file of outputs (AlpacaEval's JSON list, as train.py writes into
+    OUT/eval/) for the world's evaluation prompts, and optionally against another such file, paired by prompt."""
+    records = read_json(eval_file)
+    texts = []
+    for file in [outputs_file] + ([baseline_file] if baseline_file else []):
+        outs = read_json(file)
+        if [(o.get("instruction"), o.get("input") or "") for o in outs] != [(r["instruction"], r["input"]) for r in records]:
+            raise ValueError(f"{file} does not hold outputs for the prompts of {eval_file}, in their order")
+        texts.append([o["output"] for o in outs])
+    refs = [r["output"] for r in records]
+    win, se = win_rate(records, texts[0], refs)
+    print(f"{outputs_file}: gold win rate {100 * win:.1f}% ± {100 * se:.1f} against the reference outputs "
+          f"({len(records)} prompts)")
+    if baseline_file:
+        d, d_se = paired_difference(records, texts[0], texts[1], refs)
+        print(f"against {baseline_file}: {100 * d:+.1f} ± {100 * d_se:.1f} points, paired by prompt")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build the built-in small world (tokenizer, SFT model, reward model, prompts).")
+    p = argparse.ArgumentParser(description="Build the built-in small world (tokenizer, SFT model, reward model, "
+                                            "prompts), or judge outputs with its gold annotator.")
     p.add_argument("--out", default=".world/seed0", help="directory to build into (a no-op when already built)")
     p.add_argument("--seed", type=int, default=0)
-    for f in ("n_sft", "n_pref", "n_ppo", "n_eval", "sft_steps", "rm_epochs"):
-        p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(WorldConfig, f))
+    p.add_argument("--judge", metavar="OUTPUTS", help="judge a train.py OUT/eval/stepNNNN.json instead of building")
+    p.add_argument("--against", metavar="BASELINE", help="with --judge: a second outputs file, paired by prompt")
+    sizes = [f for f, v in asdict(WorldConfig()).items() if isinstance(v, (int, float))]
+    for f in sizes:
+        p.add_argument("--" + f.replace("_", "-"), type=type(getattr(WorldConfig, f)), default=getattr(WorldConfig, f))
     args = p.parse_args(argv)
-    cfg = WorldConfig(**{f: getattr(args, f) for f in ("n_sft", "n_pref", "n_ppo", "n_eval", "sft_steps", "rm_epochs")})
     try:
-        paths = bootstrap(args.out, args.seed, cfg)
+        if args.judge:
+            return judge(args.judge, os.path.join(args.out, LAYOUT["eval"]), args.against) or 0
+        paths = bootstrap(args.out, args.seed, WorldConfig(**{f: getattr(args, f) for f in sizes}))
     except (ValueError, FileNotFoundError) as e:
-        print(f"world.py: {e}", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for k, v in paths.items():
-        print(f"{k:10s} {v}")
+        print(f"{k:12s} {v}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
