@@ -1,4 +1,5 @@
-"""sweep.py without training: the table against a direct computation, the resume decisions, optional matplotlib."""
+"""sweep.py without training: its statistics against a hand computation, configurations, resume decisions, the
+parallel runner with a stand-in for train.py, and optional matplotlib."""
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import pytest
 import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS, SEEDS, STEPS, EVAL_EVERY = ["js", "none"], [0, 1], 4, 2
+CONFIGS, SEEDS, STEPS, EVAL_EVERY = ["js", "none", "kl", "kl@0.5", "js@0.5", "kl@0.1"], [0, 1, 2], 4, 2
 EVAL_KEYS = ("eval_win_rate", "eval_win_rate_se", "eval_accuracy", "eval_score", "eval_true_kl", "eval_length")
 
 
@@ -23,17 +24,16 @@ def fake_metrics(name, seed, steps=STEPS):
         rng = random.Random(f"{name if step else 'sft'}-{seed}-{step}")
         m = {"step": step}
         if step > 0:
-            m.update(true_kl=rng.uniform(0, 2), score=rng.gauss(0, 1), response_length=rng.uniform(3, 9),
-                     penalty=rng.uniform(0, 0.1))
+            m.update(true_kl=rng.uniform(0, 2), score=rng.gauss(0, 1), response_length=rng.uniform(20, 40))
         if step % EVAL_EVERY == 0 or step == steps:
             m.update(zip(EVAL_KEYS, (rng.random(), rng.uniform(0.02, 0.03), rng.random(), rng.gauss(0, 1),
-                                     rng.uniform(0, 3), rng.uniform(3, 9))))
+                                     rng.uniform(0, 3), rng.uniform(20, 40))))
         lines.append(m)
     return lines
 
 
-def write_run(out, name, seed, lines, args=None):
-    run = sweep.run_dir(str(out), name, seed)
+def write_run(out, spec, seed, lines, args=None):
+    run = sweep.run_dir(str(out), spec, seed)
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in lines)
@@ -45,44 +45,72 @@ def write_run(out, name, seed, lines, args=None):
 
 @pytest.fixture
 def fake_sweep(tmp_path):
-    for name in CONFIGS:
+    for spec in CONFIGS:
         for s in SEEDS:
-            write_run(tmp_path, name, s, fake_metrics(name, s))
+            write_run(tmp_path, spec, s, fake_metrics(spec, s))
     return tmp_path
 
 
-def test_table_means_and_standard_errors(fake_sweep, monkeypatch):
-    monkeypatch.setattr(sweep, "plot", lambda out, runs: [])
-    rows = sweep.report(str(fake_sweep), CONFIGS)
-    assert [r["label"] for r in rows] == ["SFT policy (step 0)", "Jensen-Shannon", "No regularization"]
+def test_table_statistics_against_a_hand_computation(fake_sweep, monkeypatch):
+    monkeypatch.setattr(sweep, "plot", lambda out, runs, kl_coef: [])
+    rows, beta_rows = sweep.report(str(fake_sweep), CONFIGS, 0.02)
+    assert [r["name"] for r in rows] == ["kl", "js", "none"]  # the paper's order; both betas in one row
+    final = {spec: [fake_metrics(spec, s)[STEPS] for s in SEEDS] for spec in CONFIGS}
+    win = lambda spec: [100 * m["eval_win_rate"] for m in final[spec]]
+    by_name = {r["name"]: r for r in rows}
+    for name, spec, cell in (("js", "js", 0), ("kl", "kl", 0), ("kl", "kl@0.5", 1), ("js", "js@0.5", 1),
+                             ("none", "none", 0)):
+        c = by_name[name]["cells"][cell]
+        assert c["seeds"] == SEEDS
+        mean, se = c["win"]  # statistics.stdev has the n - 1 denominator
+        assert mean == pytest.approx(statistics.mean(win(spec)), abs=1e-9)
+        assert se == pytest.approx(statistics.stdev(win(spec)) / math.sqrt(len(SEEDS)), abs=1e-9)
+        if name != "none":  # paired by seed: the standard error of the per-seed differences
+            d = [a - b for a, b in zip(win(spec), win("none"))]
+            assert c["vs_none"][0] == pytest.approx(statistics.mean(d), abs=1e-9)
+            assert c["vs_none"][1] == pytest.approx(statistics.stdev(d) / math.sqrt(len(d)), abs=1e-9)
+        kl = [m["eval_true_kl"] for m in final[spec]]
+        assert c["kl"][0] == pytest.approx(statistics.mean(kl), abs=1e-12)
+    assert by_name["none"]["cells"][1]["win"] == by_name["none"]["cells"][0]["win"], "no penalty: in both columns"
+    assert len(by_name["kl"]["cells"]) == 2, "beta 0.1 ran for KL only: not a Table-1 column"
     table = open(fake_sweep / "table1.md").read()
-    for row, name, step in zip(rows, ["sft", "js", "none"], [0, STEPS, STEPS]):
-        finals = [fake_metrics("js" if name == "sft" else name, s)[step] for s in SEEDS]
-        assert row["seeds"] == SEEDS and row["steps"] == [step]
-        for key in ("eval_win_rate",) + EVAL_KEYS[2:]:
-            xs = [m[key] for m in finals]
-            mean, se = row[key]  # statistics.stdev has the n - 1 denominator
-            assert mean == pytest.approx(statistics.mean(xs), abs=1e-12), (name, key)
-            assert se == pytest.approx(statistics.stdev(xs) / math.sqrt(len(xs)), abs=1e-12), (name, key)
-        w = [m["eval_win_rate"] for m in finals]
-        cells = f"| {100 * statistics.mean(w):.1f} ± {100 * statistics.stdev(w) / math.sqrt(2):.1f} | " \
-                f"{100 * w[0]:.1f}, {100 * w[1]:.1f} |"
-        assert cells in table, (name, cells)
-    assert "n - 1" in table and "standard error over seeds" in table
+    d = [a - b for a, b in zip(win("js"), win("none"))]
+    cells = (f"| Jensen-Shannon | 49.8 ± 0.3 | {statistics.mean(win('js')):.1f} ± "
+             f"{statistics.stdev(win('js')) / math.sqrt(3):.1f} | {statistics.mean(d):+.1f} ± {statistics.stdev(d) / math.sqrt(3):.1f} |")
+    assert cells in table, cells
+    assert "β = 0.02: win rate (%)" in table and "β = 0.5: win rate (%)" in table and "n - 1" in table
+    assert [r["beta"] for r in beta_rows] == [0.0, 0.02, 0.1, 0.5]
+    beta = open(fake_sweep / "beta.md").read()
+    assert beta.count("\n| ") == 4 and "| 0.1 | 3 |" in beta
+
+
+def test_configurations_and_their_commands():
+    assert sweep.parse_config("kl@0.1", 0.02) == ("kl", 0.1) and sweep.parse_config("js", 0.02) == ("js", 0.02)
+    assert sweep.parse_config("dropout", 0.02) == ("dropout", 0.0)
+    for bad, msg in (("none@0.1", "no penalty"), ("kl@x", "not a number"), ("foo", "not one of")):
+        with pytest.raises(ValueError, match=msg):
+            sweep.parse_config(bad, 0.02)
+    args = sweep.train_args("kl@0.1", 3, 60, 0.02, "runs/s", ["--lr", "1e-3"])
+    assert args == ["--estimator", "kl", "--kl-coef", "0.1", "--seed", "3", "--steps", "60", "--out",
+                    os.path.join("runs/s", "kl@0.1", "seed3"), "--lr", "1e-3"]
+    assert sweep.train_args("dropout", 0, 5, 0.02, "o", []) == ["--estimator", "none", "--lora-dropout", "0.5",
+                                                                "--seed", "0", "--steps", "5", "--out", "o/dropout/seed0"]
+    assert all(sweep.parse_config(s, 0.02) for s in sweep.DEFAULT) and len(set(sweep.DEFAULT)) == len(sweep.DEFAULT)
 
 
 def test_one_seed_and_missing_keys_and_unfinished_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "plot", lambda out, runs: [])
+    monkeypatch.setattr(sweep, "plot", lambda out, runs, kl_coef: [])
     lines = [{k: v for k, v in m.items() if not k.startswith("eval_win")} for m in fake_metrics("kl", 3)]
     write_run(tmp_path, "kl", 3, lines)  # no simulated annotator (real checkpoints): no win rate
     write_run(tmp_path, "js", 0, fake_metrics("js", 0)[:2])  # killed after step 1: no evaluation after step 0
-    rows = sweep.report(str(tmp_path), ["kl", "js", "bregman"])
-    assert [r["label"] for r in rows] == ["SFT policy (step 0)", "KL"]
-    assert rows[1]["eval_win_rate"][0] is None and math.isnan(rows[1]["eval_score"][1])  # one seed: no SE
-    assert rows[1]["eval_score"][0] == pytest.approx(lines[STEPS]["eval_score"])
-    assert "| n/a | n/a |" in open(tmp_path / "table1.md").read()
+    rows, _ = sweep.report(str(tmp_path), ["kl", "js", "bregman"], 0.02)
+    assert [r["label"] for r in rows] == ["KL"]
+    c = rows[0]["cells"][0]
+    assert c["win"][0] is None and math.isnan(c["kl"][1])  # one seed: no standard error
+    assert c["kl"][0] == pytest.approx(lines[STEPS]["eval_true_kl"])
+    assert "| KL | 46.7 ± 0.02 | n/a |" in open(tmp_path / "table1.md").read()
     with pytest.raises(ValueError, match="no run of bregman"):
-        sweep.report(str(tmp_path), ["bregman"])
+        sweep.report(str(tmp_path), ["bregman"], 0.02)
 
 
 def test_plan_skips_complete_resumes_with_checkpoint_restarts_otherwise(tmp_path):
@@ -103,47 +131,68 @@ def test_plan_skips_complete_resumes_with_checkpoint_restarts_otherwise(tmp_path
     assert sweep.plan(run, args, STEPS) == "start"
 
 
-def test_sweep_builds_commands_and_skips_finished_runs(tmp_path, monkeypatch):
-    calls = []
+class FakeRun:
+    """Stands in for a train.py process: writes the run's metrics and ends after `polls` polls."""
+    running = []
 
-    def fake_train(args, run, prefix):  # stands in for train.py: logs the run's metrics
-        calls.append(args)
-        i = args.index("--seed")
-        write_run(tmp_path, os.path.basename(os.path.dirname(run)), int(args[i + 1]), fake_metrics("x", 0))
-        return 0
+    def __init__(self, args, run, threads, polls=2):
+        self.args, self.threads, self.polls, self.returncode = args, threads, polls, None
+        write_run(os.path.dirname(os.path.dirname(run)), os.path.basename(os.path.dirname(run)),
+                  int(args[args.index("--seed") + 1]), fake_metrics("x", 0))
+        FakeRun.running.append(self)
 
-    monkeypatch.setattr(sweep, "run_train", fake_train)
-    monkeypatch.setattr(sweep, "plot", lambda out, runs: [])
-    argv = ["--configs", "js", "dropout", "--seeds", "0", "--steps", str(STEPS), "--out", str(tmp_path), "--",
-            "--rollout-batch-size", "8"]
+    def poll(self):
+        self.polls -= 1
+        if self.polls <= 0:
+            self.returncode = 0
+        return self.returncode
+
+
+def test_sweep_runs_jobs_in_parallel_and_skips_finished_runs(tmp_path, monkeypatch):
+    started, most = [], []
+
+    def fake_start(args, run, threads):
+        started.append((args, threads))
+        most.append(sum(r.returncode is None for r in FakeRun.running) + 1)
+        return FakeRun(args, run, threads)
+
+    monkeypatch.setattr(sweep, "start_train", fake_start)
+    monkeypatch.setattr(sweep, "plot", lambda out, runs, kl_coef: [])
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    argv = ["--configs", "js", "kl@0.5", "dropout", "--seeds", "0", "--steps", str(STEPS), "--out", str(tmp_path),
+            "--jobs", "2", "--threads", "1", "--", "--rollout-batch-size", "8"]
     assert sweep.main(argv) == 0
-    out = lambda name: ["--out", os.path.join(str(tmp_path), name, "seed0"), "--rollout-batch-size", "8"]
-    assert calls == [["--estimator", "js", "--kl-coef", "0.02", "--seed", "0", "--steps", str(STEPS)] + out("js"),
-                     ["--estimator", "none", "--lora-dropout", "0.5", "--seed", "0", "--steps", str(STEPS)] + out("dropout")]
-    calls.clear()
-    assert sweep.main(argv) == 0 and calls == [], "finished runs must be skipped"
+    out = lambda spec: ["--out", os.path.join(str(tmp_path), spec, "seed0"), "--rollout-batch-size", "8"]
+    assert [a for a, _ in started] == [
+        ["--estimator", "js", "--kl-coef", "0.02", "--seed", "0", "--steps", str(STEPS)] + out("js"),
+        ["--estimator", "kl", "--kl-coef", "0.5", "--seed", "0", "--steps", str(STEPS)] + out("kl@0.5"),
+        ["--estimator", "none", "--lora-dropout", "0.5", "--seed", "0", "--steps", str(STEPS)] + out("dropout")]
+    assert max(most) == 2 and {t for _, t in started} == {1}, "two at a time, one thread each"
+    started.clear()
+    assert sweep.main(argv) == 0 and started == [], "finished runs must be skipped"
     run = sweep.run_dir(str(tmp_path), "js", 0)
     write_run(tmp_path, "js", 0, fake_metrics("x", 0)[:2])
     os.makedirs(os.path.join(run, "checkpoint"))
     open(os.path.join(run, "checkpoint", "state.pt"), "w").close()
     assert sweep.main(argv) == 0
-    assert len(calls) == 1 and calls[0][-1] == "--resume" and calls[0][calls[0].index("--out") + 1] == run
+    assert len(started) == 1 and started[0][0][-1] == "--resume" and started[0][0][started[0][0].index("--out") + 1] == run
     with pytest.raises(ValueError, match="--seed"):
         sweep.main(argv + ["--seed", "3"])
 
 
-def test_missing_matplotlib_still_writes_the_table(fake_sweep, monkeypatch, capsys):
+def test_missing_matplotlib_still_writes_the_tables(fake_sweep, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    sweep.report(str(fake_sweep), CONFIGS)
+    sweep.report(str(fake_sweep), CONFIGS, 0.02)
     assert "plots skipped: matplotlib is not installed (pip install matplotlib)" in capsys.readouterr().out
-    assert (fake_sweep / "table1.md").exists() and not list(fake_sweep.glob("*.png"))
+    assert (fake_sweep / "table1.md").exists() and (fake_sweep / "beta.md").exists()
+    assert not list(fake_sweep.glob("*.png"))
 
 
 def test_plots_when_matplotlib_is_installed(fake_sweep):
     pytest.importorskip("matplotlib")  # optional extra: CI does not install it
-    sweep.report(str(fake_sweep), CONFIGS)
-    for f in (fake_sweep / "figure1_win_rate.png", fake_sweep / "figure2_true_kl.png"):
-        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n", f
+    sweep.report(str(fake_sweep), CONFIGS, 0.02)
+    for name in ("figure1_win_rate", "figure2_kl_length", "figure3_overoptimization", "figure4_beta"):
+        assert open(fake_sweep / f"{name}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_bad_input_is_one_line(tmp_path):
@@ -151,6 +200,7 @@ def test_bad_input_is_one_line(tmp_path):
     with open(tmp_path / "kl" / "seed0" / "metrics.jsonl", "r+") as f:
         f.write("{oops")  # corrupts the first line
     for args, msg in ((["--report-only", "--out", str(tmp_path / "empty")], "no run of"),
-                      (["--report-only", "--out", str(tmp_path)], "metrics.jsonl: line 1 is not JSON")):
+                      (["--report-only", "--out", str(tmp_path), "--configs", "kl"], "metrics.jsonl: line 1 is not JSON"),
+                      (["--configs", "none@0.1"], "no penalty")):
         p = subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *args], capture_output=True, text=True)
         assert p.returncode == 1 and msg in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
