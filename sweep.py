@@ -46,7 +46,7 @@ CONFIGS = {
 }
 PAPER_SFT = "37.0"  # the SFT-10k checkpoint's win rate in the paper's Table 1
 DEFAULT = list(CONFIGS) + ["kl@0.1", "kl@0.5"] + [f"{n}@0.1" for n in ("clamped_kl", "bregman", "squared", "js")]
-OWNED = ("--estimator", "--seed", "--steps", "--out", "--kl-coef", "--resume")  # set by the sweep itself
+OWNED = ("--estimator", "--seed", "--steps", "--out", "--kl-coef", "--lr", "--resume")  # set by the sweep itself
 
 
 def parse_config(spec, kl_coef):
@@ -68,10 +68,11 @@ def run_dir(out, spec, seed):
     return os.path.join(out, spec, f"seed{seed}")
 
 
-def train_args(spec, seed, steps, kl_coef, out, extra):
+def train_args(spec, seed, steps, kl_coef, lr, out, extra):
     name, beta = parse_config(spec, kl_coef)
     flags = CONFIGS[name][2] + ([] if CONFIGS[name][2][1] == "none" else ["--kl-coef", str(beta)])
-    return flags + ["--seed", str(seed), "--steps", str(steps), "--out", run_dir(out, spec, seed)] + list(extra)
+    return flags + ["--seed", str(seed), "--steps", str(steps), "--lr", str(lr), "--out", run_dir(out, spec, seed)] \
+        + list(extra)
 
 
 def read_metrics(run):
@@ -332,10 +333,11 @@ def plot(out, runs, kl_coef):
     fig, axes = plt.subplots(len(betas), 2, figsize=(11, 3.6 * len(betas)), squeeze=False)
     for (left, right), beta in zip(axes, betas):
         for spec, ms in column(beta).items():
-            draw(left, ms, spec, "true_kl")
-            draw(right, ms, spec, "response_length")
+            draw(left, ms, spec, "eval_true_kl")  # on the evaluation prompts: the same prompts at every step
+            draw(right, ms, spec, "eval_length")
         left.set(xlabel="PPO step", ylabel="true KL to the reference (nats/response)", title=f"β = {beta:g}: true KL")
-        right.set(xlabel="PPO step", ylabel="response length (tokens)", title=f"β = {beta:g}: length ({seeds})")
+        right.set(xlabel="PPO step", ylabel="response length (tokens, EOS included)",
+                  title=f"β = {beta:g}: length ({seeds}; evaluation prompts, greedy)")
     axes[0][0].legend(fontsize=8)
     files.append(save(fig, out, "figure2_kl_length.png"))
 
@@ -392,6 +394,8 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=60, help="PPO steps per run")
     p.add_argument("--kl-coef", type=float, default=0.02, help="beta of the estimators without @beta (Eq. 3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="PPO's learning rate in every run: twice the world "
+                   "preset's, so that over-optimization peaks and falls within 60 steps")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, help="CPU threads per run (default: the cores / --jobs)")
     p.add_argument("--out", default="runs/sweep")
@@ -409,7 +413,7 @@ def main(argv=None):
         todo, specs = [], [(spec, s) for s in args.seeds for spec in args.configs]  # seed-major: early rows all
         for i, (spec, seed) in enumerate(specs, 1):
             run = run_dir(args.out, spec, seed)
-            targs = train_args(spec, seed, args.steps, args.kl_coef, args.out, extra)
+            targs = train_args(spec, seed, args.steps, args.kl_coef, args.lr, args.out, extra)
             action = plan(run, targs, args.steps)
             print(f"[{i}/{len(specs)}] {spec} seed {seed}: {action} ({run})", flush=True)
             if action != "skip":

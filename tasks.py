@@ -7,7 +7,7 @@ prompts and held-out evaluation prompts with reference outputs, and simulated an
 preferences and judge win rates. Here each ingredient is a program:
 
   tasks       instructions in the Alpaca template whose correct answers run to tens of tokens (counting,
-              spelling, sorting, step-by-step addition, rewriting); a solver reads only the prompt text
+              spelling, sorting, addition with the carry written out); a solver reads only the prompt text
   teacher     writes the demonstrations; on hard instances it follows a systematic misconception, mostly
               leaving something out (the last number, a doubled letter, a repeated word, a carry)
   gold        the evaluation annotator: correct beats incorrect, otherwise the one closer to the right answer
@@ -94,18 +94,29 @@ class Task:
     mistake: object  # (instruction, input) -> the teacher's output on a hard instance
 
 
+def add_solve(i, x):
+    return add_work(*nums(i)[:2])
+
+
+def add_mistake(i, x):  # forgets the carry: 47 + 85 = 122
+    return add_work(*nums(i)[:2], forget_carry=True)
+
+
+def differs(mistake, solve):  # "hard" for a misconception that only applies to some inputs
+    return lambda i, x: mistake(i, x) != solve(i, x)
+
+
 TASKS = {t.name: t for t in [
-    Task("count", ("Count from {a} to {b}.", "Write the numbers from {a} to {b}."),
-         count_make, count_solve, lambda i, x: True, count_mistake),
-    Task("spell", ("Spell each word letter by letter.", "Spell out the words, one letter at a time."),
-         lambda r: ({}, words(r, 4, 9)), spell_solve, lambda i, x: spell_mistake(i, x) != spell_solve(i, x),
-         spell_mistake),
-    Task("sort", ("Sort the words in alphabetical order.", "Put the words in alphabetical order."),
-         lambda r: ({}, words(r, 4, 10)), sort_solve, lambda i, x: sort_mistake(i, x) != sort_solve(i, x),
-         sort_mistake),
-    Task("add", ("Add {a} and {b} step by step.", "What is {a} plus {b}? Show the carry."),
-         add_make, lambda i, x: add_work(*nums(i)[:2]), lambda i, x: sum(n % 10 for n in nums(i)[:2]) >= 10,
-         lambda i, x: add_work(*nums(i)[:2], forget_carry=True)),
+    Task(name="count", instructions=("Count from {a} to {b}.", "Write the numbers from {a} to {b}."),
+         make=count_make, solve=count_solve, hard=lambda i, x: True, mistake=count_mistake),
+    Task(name="spell", instructions=("Spell each word letter by letter.", "Spell out the words, one letter at a time."),
+         make=lambda rng: ({}, words(rng, 4, 9)), solve=spell_solve, hard=differs(spell_mistake, spell_solve),
+         mistake=spell_mistake),
+    Task(name="sort", instructions=("Sort the words in alphabetical order.", "Put the words in alphabetical order."),
+         make=lambda rng: ({}, words(rng, 4, 10)), solve=sort_solve, hard=differs(sort_mistake, sort_solve),
+         mistake=sort_mistake),
+    Task(name="add", instructions=("Add {a} and {b} step by step.", "What is {a} plus {b}? Show the carry."),
+         make=add_make, solve=add_solve, hard=differs(add_mistake, add_solve), mistake=add_mistake),
 ]}
 
 
@@ -157,27 +168,32 @@ def make_prompt(rng):
 
 
 def make_splits(seed, n_sft, n_pref, n_ppo, n_eval, p_hard=0.6, p_slip=0.05, ref_error=0.25):
-    """Prompts split like AlpacaFarm; all prompts distinct, so evaluation prompts are held out.
+    """Prompts split like AlpacaFarm, each split with the same mix of tasks. Evaluation prompts are distinct and
+    held out: none appears in a training split (where a prompt may recur, as counting prompts, with ~3,000
+    possible, do among the ~26,000 drawn).
 
     sft: demonstrations {"instruction", "input", "output", "task"} by the imperfect teacher
     pref, ppo: prompts {"instruction", "input", "task"}
     eval: prompts with reference outputs that are wrong (a random slip) with probability ref_error, playing
           the part of text-davinci-003, the paper's reference: a good but fallible model.
     """
-    rng, seen, prompts = random.Random(seed), set(), []
-    n = n_sft + n_pref + n_ppo + n_eval
-    for _ in range(20 * n):
-        if len(prompts) == n:
+    rng, ev, held = random.Random(seed), [], set()
+    key = lambda p: (p["instruction"], p["input"])
+    for _ in range(20 * n_eval):
+        if len(ev) == n_eval:
             break
         p = make_prompt(rng)
-        key = (p["instruction"], p["input"])
-        if key not in seen:
-            seen.add(key)
-            prompts.append(p)
-    if len(prompts) < n:
-        raise ValueError(f"only {len(prompts)} distinct prompts could be drawn, {n} were asked for")
-    sft, pref = prompts[:n_sft], prompts[n_sft:n_sft + n_pref]
-    ppo, ev = prompts[n_sft + n_pref:n_sft + n_pref + n_ppo], prompts[n_sft + n_pref + n_ppo:]
+        if key(p) not in held:
+            held.add(key(p))
+            ev.append(p)
+    if len(ev) < n_eval:
+        raise ValueError(f"only {len(ev)} distinct evaluation prompts could be drawn, {n_eval} were asked for")
+    train = []
+    while len(train) < n_sft + n_pref + n_ppo:
+        p = make_prompt(rng)
+        if key(p) not in held:
+            train.append(p)
+    sft, pref, ppo = train[:n_sft], train[n_sft:n_sft + n_pref], train[n_sft + n_pref:]
     sft = [{**p, "output": teacher(p, rng, p_hard, p_slip)} for p in sft]
     ev = [{**p, "output": slip(answer(p), rng) if rng.random() < ref_error else answer(p)} for p in ev]
     return {"sft": sft, "pref": pref, "ppo": ppo, "eval": ev}

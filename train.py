@@ -36,7 +36,7 @@ from reward import RewardModel, ValueModel
 PAPER = dict(kl_coef=0.02, lora_rank=8, lora_alpha=64, lora_dropout=0.1, rollout_batch_size=256,
              step_batch_size=128, micro_batch_size=16, ppo_epochs=2, lr=1e-5, warmup_steps=5, steps=100,
              max_new_tokens=300, max_prompt_tokens=192, temperature=1.0, top_p=1.0, eval_every=20, save_every=10)
-WORLD = dict(PAPER, rollout_batch_size=64, step_batch_size=32, micro_batch_size=32, lr=1e-3, steps=15,
+WORLD = dict(PAPER, rollout_batch_size=64, step_batch_size=32, micro_batch_size=32, lr=5e-4, steps=10,
              max_new_tokens=96, max_prompt_tokens=64, eval_every=5, save_every=10)
 
 

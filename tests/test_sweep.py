@@ -90,11 +90,12 @@ def test_configurations_and_their_commands():
     for bad, msg in (("none@0.1", "no penalty"), ("kl@x", "not a number"), ("foo", "not one of")):
         with pytest.raises(ValueError, match=msg):
             sweep.parse_config(bad, 0.02)
-    args = sweep.train_args("kl@0.1", 3, 60, 0.02, "runs/s", ["--lr", "1e-3"])
-    assert args == ["--estimator", "kl", "--kl-coef", "0.1", "--seed", "3", "--steps", "60", "--out",
-                    os.path.join("runs/s", "kl@0.1", "seed3"), "--lr", "1e-3"]
-    assert sweep.train_args("dropout", 0, 5, 0.02, "o", []) == ["--estimator", "none", "--lora-dropout", "0.5",
-                                                                "--seed", "0", "--steps", "5", "--out", "o/dropout/seed0"]
+    args = sweep.train_args("kl@0.1", 3, 60, 0.02, 1e-3, "runs/s", ["--rollout-batch-size", "32"])
+    assert args == ["--estimator", "kl", "--kl-coef", "0.1", "--seed", "3", "--steps", "60", "--lr", "0.001", "--out",
+                    os.path.join("runs/s", "kl@0.1", "seed3"), "--rollout-batch-size", "32"]
+    assert sweep.train_args("dropout", 0, 5, 0.02, 1e-3, "o", []) == [
+        "--estimator", "none", "--lora-dropout", "0.5", "--seed", "0", "--steps", "5", "--lr", "0.001", "--out",
+        "o/dropout/seed0"]
     assert all(sweep.parse_config(s, 0.02) for s in sweep.DEFAULT) and len(set(sweep.DEFAULT)) == len(sweep.DEFAULT)
 
 
@@ -114,7 +115,7 @@ def test_one_seed_and_missing_keys_and_unfinished_runs(tmp_path, monkeypatch):
 
 
 def test_plan_skips_complete_resumes_with_checkpoint_restarts_otherwise(tmp_path):
-    args = sweep.train_args("js", 0, STEPS, 0.02, str(tmp_path), [])
+    args = sweep.train_args("js", 0, STEPS, 0.02, 1e-3, str(tmp_path), [])
     run = write_run(tmp_path, "js", 0, fake_metrics("js", 0), args)
     assert sweep.plan(run, args, STEPS) == "skip"
     assert sweep.plan(run, args + ["--lr", "1e-3"], STEPS) == "start"  # other arguments: run again
@@ -162,7 +163,7 @@ def test_sweep_runs_jobs_in_parallel_and_skips_finished_runs(tmp_path, monkeypat
     argv = ["--configs", "js", "kl@0.5", "dropout", "--seeds", "0", "--steps", str(STEPS), "--out", str(tmp_path),
             "--jobs", "2", "--threads", "1", "--", "--rollout-batch-size", "8"]
     assert sweep.main(argv) == 0
-    out = lambda spec: ["--out", os.path.join(str(tmp_path), spec, "seed0"), "--rollout-batch-size", "8"]
+    out = lambda spec: ["--lr", "0.001", "--out", os.path.join(str(tmp_path), spec, "seed0"), "--rollout-batch-size", "8"]
     assert [a for a, _ in started] == [
         ["--estimator", "js", "--kl-coef", "0.02", "--seed", "0", "--steps", str(STEPS)] + out("js"),
         ["--estimator", "kl", "--kl-coef", "0.5", "--seed", "0", "--steps", str(STEPS)] + out("kl@0.5"),
@@ -176,8 +177,9 @@ def test_sweep_runs_jobs_in_parallel_and_skips_finished_runs(tmp_path, monkeypat
     open(os.path.join(run, "checkpoint", "state.pt"), "w").close()
     assert sweep.main(argv) == 0
     assert len(started) == 1 and started[0][0][-1] == "--resume" and started[0][0][started[0][0].index("--out") + 1] == run
-    with pytest.raises(ValueError, match="--seed"):
-        sweep.main(argv + ["--seed", "3"])
+    for owned in ("--seed", "--lr"):
+        with pytest.raises(ValueError, match=owned):
+            sweep.main(argv + [owned, "3"])
 
 
 def test_missing_matplotlib_still_writes_the_tables(fake_sweep, monkeypatch, capsys):

@@ -67,8 +67,16 @@ def test_splits_deterministic_distinct_and_sized():
     assert a == tasks.make_splits(3, 50, 20, 30, 40)
     assert a != tasks.make_splits(4, 50, 20, 30, 40)
     assert [len(a[k]) for k in ("sft", "pref", "ppo", "eval")] == [50, 20, 30, 40]
-    keys = [(r["instruction"], r["input"]) for split in a.values() for r in split]
-    assert len(set(keys)) == len(keys), "evaluation prompts must be held out from every training split"
+    key = lambda r: (r["instruction"], r["input"])
+    held = {key(r) for r in a["eval"]}
+    assert len(held) == len(a["eval"]), "evaluation prompts must be distinct"
+    assert not held & {key(r) for k in ("sft", "pref", "ppo") for r in a[k]}, "and held out from training"
+    big = tasks.make_splits(0, 6000, 0, 0, 600)
+    for k in ("sft", "eval"):  # every split has the same mix of tasks (1/4 each, within 4 standard errors)
+        n = len(big[k])
+        for t in tasks.TASKS:
+            share = sum(r["task"] == t for r in big[k]) / n
+            assert abs(share - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n), (k, t, share)
     assert all(set(r) == {"instruction", "input", "task", "output"} for r in a["sft"] + a["eval"])
     assert all(set(r) == {"instruction", "input", "task"} for r in a["pref"] + a["ppo"])
 
