@@ -9,7 +9,7 @@ Benchmark (not a test): how fast llama.py generates and trains, on random weight
 Measures, after a warm-up, the best wall time of --repeats runs (as timeit does: interference from other
 processes only ever adds time) of
   1. generation with llama.generate at batch 1 and 16 from a 16-token prompt, with the KV cache and
-     without (use_cache=False re-runs the whole sequence each step). eos_id=None, so every run generates
+     without (generate_without_cache below re-runs the whole sequence each step). eos_id=None, so every run generates
      exactly --new-tokens tokens; tokens/s counts new tokens. Without the cache a run of N new tokens
      pushes B * S(N) tokens through the layers, S(N) = (N + 1) * P + N * (N + 1) / 2 for a P-token prompt
      (generate also computes the state after the last token). When that is estimated to take longer than
@@ -18,8 +18,8 @@ processes only ever adds time) of
      under the table extrapolates to --new-tokens by the ratio of S, labelled as an estimate.
   2. forward + backward (cross-entropy on next tokens) at batch 8 x 256 tokens: the full model trainable,
      then LoRA rank 8 on wq, wk, wv, wo (lora.add_lora, alpha 64, dropout 0.1) with the rest frozen.
-With --ppo instead: one PPO step of the real code (ppo.rollout, then ppo.ppo_update) in train.py's
-one-device placement (the reference is the policy with its adapters off, the reward model the value
+With --ppo instead: one PPO step of the real code (ppo.generate_responses, ppo.score_rollout, then
+ppo.ppo_update) in train.py's one-device placement (the reference is the policy with its adapters off, the reward model the value
 model's backbone with its adapters off): --rollout-batch prompts of --prompt-len tokens, --new-tokens
 each (eos_id=None: every response has full length, the worst case), then the update at each
 --micro-batches size (each size rolls out again, from the weights the previous update left: the speed
@@ -70,8 +70,18 @@ def best_time(fn, repeats, device):
     return best
 
 
-def S(n, p):  # tokens per row that generate(use_cache=False) pushes through the layers for n new tokens
+def S(n, p):  # tokens per row that generate_without_cache pushes through the layers for n new tokens
     return (n + 1) * p + n * (n + 1) // 2
+
+
+@torch.no_grad()
+def generate_without_cache(model, tokens, n, generator):
+    """What llama.generate would cost without its KV cache: the whole sequence through the model for every new
+    token (no padding, no EOS; the baseline of the cache speed-up)."""
+    for _ in range(n + 1):  # like generate, also the state after the last token
+        logits = model(tokens)[:, -1]
+        tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1, generator=generator)], 1)
+    return tokens
 
 
 def bench_ppo(args, device, dtype):
@@ -98,17 +108,22 @@ def bench_ppo(args, device, dtype):
     mask = torch.ones_like(prompts)
     rows = []
     for mb in args.micro_batches:
-        pcfg = ppo.PPOConfig(estimator="js", rollout_batch_size=R, step_batch_size=min(args.step_batch, R),
+        pcfg = ppo.PPOConfig(estimator="js", step_batch_size=min(args.step_batch, R),
                              micro_batch_size=mb, max_new_tokens=N)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            batch, stats = ppo.rollout(policy, value, reward_model, prompts, mask, pcfg, 0.02, eos_id=None,
-                                       generator=torch.Generator(device).manual_seed(0))
+            gen = torch.Generator(device).manual_seed(0)
+            out = {}
+            t_gen, _ = best_time(lambda: out.update(r=ppo.generate_responses(policy, prompts, mask, pcfg, None,
+                                                                             generator=gen)), 1, device)
             rows.append((f"rollout: generate {R} x {N} new tokens (batches of {pcfg.generate_batch_size})",
-                         mb, stats["time_generate"], R * N / stats["time_generate"], gib()))
+                         mb, t_gen, R * N / t_gen, gib()))
+            t_score, _ = best_time(lambda: out.update(b=ppo.score_rollout(policy, value, reward_model, prompts, mask,
+                                                                          *out["r"], pcfg, 0.02, None)), 1, device)
+            batch = out["b"][0]
             rows.append((f"rollout: score (policy, reference, value, reward model; {R} x {P + N} tokens)",
-                         mb, stats["time_score"], R * (P + N) / stats["time_score"], gib()))
+                         mb, t_score, R * (P + N) / t_score, gib()))
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             t, _ = best_time(lambda: ppo.ppo_update(policy, value, optimizer, scheduler, batch, pcfg), 1, device)
@@ -172,7 +187,10 @@ def main(argv=None):
         gen = torch.Generator(device=device).manual_seed(0)
 
         def run(n, use_cache):
-            generate(model, prompt, mask, n, temperature=1.0, eos_id=None, generator=gen, use_cache=use_cache)
+            if use_cache:
+                generate(model, prompt, mask, n, temperature=1.0, eos_id=None, generator=gen)
+            else:
+                generate_without_cache(model, prompt, n, gen)
 
         run(8, True)  # warm-up: allocator, thread pool, kernels
         with torch.no_grad():  # warm-up of the no-cache path and the basis of its time estimate

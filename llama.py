@@ -6,18 +6,17 @@ LLaMA in one file: the network every model of RLHF is built from (policy, refere
 
 Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models" (arXiv 2302.13971). Parameter
 names are Meta's (wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, tok_embeddings, output); the
-Hugging Face and Meta checkpoint layouts are translated in one place, `iter_tensors` / `load_weights`.
+Hugging Face and Meta checkpoint layouts are translated in checkpoints.py.
 
 Left-padded batches are first-class: a (B, T) mask marks real tokens, and positions start at 0 on each
 sequence's first real token, so a padded row gives the logits of that sequence alone. `generate` is the one
 batched sampler (KV cache, temperature, top-p, EOS) shared by sample.py and the PPO rollout.
 
-    model = Llama.from_pretrained("path/to/llama-7b-hf", device="cuda", dtype=torch.bfloat16)
+    model = Llama(LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, hidden_dim=176))
+    out, out_mask = generate(model, tokens, mask, max_new_tokens=32, temperature=1.0, eos_id=2)
+    (checkpoints.load_llama("path/to/llama-7b-hf", device="cuda", dtype=torch.bfloat16) reads real weights)
 """
-import glob
-import json
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -212,20 +211,6 @@ class Llama(nn.Module):
         w = self.tok_embeddings.weight
         return KVCache(self.cfg, batch_size, max_len, w.device, w.dtype)
 
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Build on the meta device, allocate once in `dtype` on `device`, then fill tensor by tensor, so a
-        7B checkpoint never needs twice its size in memory."""
-        cfg = read_config(path)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model = model.to(dtype).to_empty(device=device)
-        unused = load_weights(model, path)
-        unused = [k for k in unused if not k.endswith(("rotary_emb.inv_freq", "rope.freqs"))]  # derived tables
-        if unused:
-            raise ValueError(f"{path}: checkpoint has tensors the model does not use: {', '.join(unused[:5])}")
-        return model
-
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -253,227 +238,44 @@ def sample_top_p(probs, top_p, generator=None):
 
 @torch.no_grad()
 def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_p=1.0, eos_id=None, pad_id=0,
-             generator=None, use_cache=True):
-    """Sample continuations of left-padded prompts tokens/mask (B, T).
+             generator=None):
+    """Sample continuations of left-padded prompts tokens/mask (B, T) with a KV cache.
 
-    Returns out (B, N) response tokens (pad_id after EOS), out_mask (B, N) (1 up to and including EOS), and
-    logprobs (B, N) fp32 of each sampled token under softmax(logits / temperature) (0 on padding).
-    temperature 0 = greedy. use_cache=False re-runs the whole sequence each step (for benchmarks).
+    Returns out (B, N) response tokens (pad_id after EOS) and out_mask (B, N) (1 up to and including EOS).
+    temperature 0 = greedy.
     """
     B, T = tokens.shape
     if T + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the context "
                          f"of {model.cfg.max_seq_len} tokens")
-    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
-    seq, seq_mask = tokens, mask
+    cache = model.new_cache(B, T + max_new_tokens)
+    seq_mask = mask
     h = model.hidden(tokens, mask, cache)
     done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-    out, out_mask, out_logprobs = [], [], []
+    out, out_mask = [], []
     for _ in range(max_new_tokens):
         logits = model.output(h[:, -1]).float()  # (B, vocab)
-        if temperature > 0:
-            logits = logits / temperature
-        logprobs = F.log_softmax(logits, dim=-1)
         if temperature == 0:
             next_token = logits.argmax(-1)
         else:
-            next_token = sample_top_p(logprobs.exp(), top_p, generator)
-        lp = logprobs.gather(-1, next_token[:, None]).squeeze(-1)
+            next_token = sample_top_p(F.log_softmax(logits / temperature, dim=-1).exp(), top_p, generator)
         out.append(next_token.masked_fill(done, pad_id))
         out_mask.append(~done)
-        out_logprobs.append(lp.masked_fill(done, 0.0))
         if eos_id is not None:
             done = done | (next_token == eos_id)
         if done.all():
             break
         # finished rows keep decoding their (valid) samples; those are masked out above and never returned
-        seq = torch.cat([seq, next_token[:, None]], dim=1)
         seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], dim=1)
-        if use_cache:
-            h = model.hidden(next_token[:, None], seq_mask, cache)
-        else:
-            h = model.hidden(seq, seq_mask)
-    return torch.stack(out, 1), torch.stack(out_mask, 1).long(), torch.stack(out_logprobs, 1)
+        h = model.hidden(next_token[:, None], seq_mask, cache)
+    return torch.stack(out, 1), torch.stack(out_mask, 1).long()
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: Hugging Face (config.json + safetensors/bin) and Meta (params.json + consolidated.NN.pth)
-
-def _read_json(file):
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: malformed JSON ({e})") from None
-
-
-def read_config(path):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    hf, meta = os.path.join(path, "config.json"), os.path.join(path, "params.json")
-    try:
-        if os.path.exists(hf):
-            c = _read_json(hf)
-            return LlamaConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                               n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
-                               hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-                               rope_theta=c.get("rope_theta", 10000.0),
-                               max_seq_len=c.get("max_position_embeddings", 2048))
-        if os.path.exists(meta):
-            c = _read_json(meta)
-            hidden = int(2 * 4 * c["dim"] / 3)  # Meta's FFN width rule
-            if c.get("ffn_dim_multiplier") is not None:
-                hidden = int(c["ffn_dim_multiplier"] * hidden)
-            hidden = c["multiple_of"] * ((hidden + c["multiple_of"] - 1) // c["multiple_of"])
-            vocab = c.get("vocab_size", -1)
-            if vocab <= 0:  # -1: "from the tokenizer", which sits beside the weights or one level up
-                tok = [p for p in (os.path.join(path, "tokenizer.model"), os.path.join(path, "..", "tokenizer.model"))
-                       if os.path.exists(p)]
-                if not tok:
-                    raise ValueError(f"{meta}: vocab_size is {vocab} and no tokenizer.model was found to count it")
-                vocab = Tokenizer(tok[0]).n_words
-            return LlamaConfig(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], n_kv_heads=c.get("n_kv_heads"),
-                               vocab_size=vocab, hidden_dim=hidden, norm_eps=c.get("norm_eps", 1e-6),
-                               rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_seq_len", 2048))
-    except KeyError as e:
-        raise ValueError(f"{hf if os.path.exists(hf) else meta}: missing field {e}") from None
-    raise FileNotFoundError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
-
-
-def _weight_files(path):
-    for pattern in ("*.safetensors", "pytorch_model*.bin", "consolidated.*.pth"):
-        files = sorted(glob.glob(os.path.join(path, pattern)))
-        if files:
-            return files
-    raise FileNotFoundError(f"{path}: no weights (*.safetensors, pytorch_model*.bin or consolidated.*.pth)")
-
-
-def _load_pt(file):
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        return torch.load(file, map_location="cpu", weights_only=True)
-
-
-# Meta shards a model-parallel checkpoint along these dimensions (norms are replicated)
-_META_SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0, "output": 0}
-
-
-def iter_tensors(path):
-    """(name, tensor) over all weight files of a checkpoint directory, one tensor in memory at a time."""
-    files = _weight_files(path)
-    if files[0].endswith(".safetensors"):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):  # a sharded checkpoint must have all its shards
-            missing = set(_read_json(index)["weight_map"].values()) - {os.path.basename(f) for f in files}
-            if missing:
-                raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(sorted(missing))}")
-        from safetensors import safe_open
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-    elif files[0].endswith(".bin"):
-        for file in files:
-            yield from _load_pt(file).items()
-    else:  # Meta: model-parallel shards are concatenated back, key by key
-        shards = [_load_pt(f) for f in files]
-        for name in shards[0]:
-            dim = _META_SHARD_DIM.get(name.split(".")[-2])
-            if len(shards) == 1 or dim is None:
-                yield name, shards[0][name]
-            else:
-                yield name, torch.cat([s[name] for s in shards], dim=dim)
-
-
-# one table, both directions: Meta name piece <-> Hugging Face name piece
-_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-                "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-                "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-                "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-
-
-def meta_to_hf_name(name):
-    # "layers.3.attention.wq.weight" -> "model.layers.3.self_attn.q_proj.weight"
-    module, suffix = name.rsplit(".", 1)
-    if module in _TOP_NAMES:
-        return f"{_TOP_NAMES[module]}.{suffix}"
-    _, i, part = module.split(".", 2)
-    return f"model.layers.{i}.{_LAYER_NAMES[part]}.{suffix}"
-
-
-def hf_to_meta_name(name):
-    # the inverse; None for names that are not LLaMA weights
-    module, _, suffix = name.rpartition(".")
-    for meta, hf in _TOP_NAMES.items():
-        if module == hf:
-            return f"{meta}.{suffix}"
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
-    for meta, hf in _LAYER_NAMES.items():
-        if m and m.group(2) == hf:
-            return f"layers.{m.group(1)}.{meta}.{suffix}"
-    return None
-
-
-def meta_to_hf_rotary(w, n_heads):
-    # Meta rotates interleaved pairs (2i, 2i+1) of each head; we rotate halves (i, i + hd/2): reorder rows
-    out, dim = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
-
-
-def load_weights(model, path, prefix=""):
-    """Fill `model` from a Hugging Face or Meta checkpoint in `path`, converting names and the rotary order.
-    HF names have `prefix` stripped first. Returns the checkpoint keys the model did not use."""
-    meta_layout = os.path.exists(os.path.join(path, "params.json")) and not os.path.exists(os.path.join(path, "config.json"))
-    params = dict(model.named_parameters())
-    cfg, filled, unused = model.cfg, set(), []
-    for key, tensor in iter_tensors(path):
-        if meta_layout:
-            name = key
-            if re.search(r"\.attention\.wq\.weight$", key):
-                tensor = meta_to_hf_rotary(tensor, cfg.n_heads)
-            elif re.search(r"\.attention\.wk\.weight$", key):
-                tensor = meta_to_hf_rotary(tensor, cfg.n_kv_heads or cfg.n_heads)
-        else:
-            name = hf_to_meta_name(key[len(prefix):]) if key.startswith(prefix) else None
-        if name not in params:
-            unused.append(key)
-            continue
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config says "
-                             f"{tuple(params[name].shape)} (check config.json / params.json)")
-        with torch.no_grad():
-            params[name].copy_(tensor)
-        filled.add(name)
-    if "output.weight" not in filled and "tok_embeddings.weight" in filled:
-        hf = os.path.join(path, "config.json")
-        if os.path.exists(hf) and _read_json(hf).get("tie_word_embeddings", False):
-            with torch.no_grad():
-                params["output.weight"].copy_(params["tok_embeddings.weight"])
-            filled.add("output.weight")
-    missing = [n for n in params if n not in filled]
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the config needs, e.g. {', '.join(missing[:3])}")
-    return unused
-
-
-def save_hf(model, path, extra_config=None):
-    """Write `model` in the Hugging Face layout (config.json + model.safetensors), atomically."""
-    from safetensors.torch import save_file
-    cfg = model.cfg
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
-              "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
-              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
-              "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "vocab_size": cfg.vocab_size,
-              "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": False, **(extra_config or {})}
-    tensors = {meta_to_hf_name(n): p.detach().cpu().contiguous() for n, p in model.state_dict().items()}
-    os.makedirs(path, exist_ok=True)
-    for file, write in (("model.safetensors", lambda f: save_file(tensors, f)),
-                        ("config.json", lambda f: open(f, "w").write(json.dumps(config, indent=2)))):
-        tmp = os.path.join(path, file + ".tmp")
-        write(tmp)
-        os.replace(tmp, os.path.join(path, file))
+def last_index(mask):
+    """Index of the last 1 in each row of a (B, T) mask (the EOS, or the last token of a cut-off response)."""
+    assert (mask.sum(-1) > 0).all(), "every sequence needs at least one real token"
+    T = mask.shape[-1]
+    return (mask.long() * torch.arange(1, T + 1, device=mask.device)).argmax(-1)  # (B,)
 
 
 # -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import llama
 import reward
 
@@ -307,7 +308,7 @@ def sample(model, tok, records, temperature=0.0, max_new_tokens=24, batch_size=6
         prompts = [encode_pair(tok, r, "")[0] for r in records[i:i + batch_size]]
         tokens, mask = llama.left_pad(prompts, tok.pad_id)  # (B, P)
         device = next(model.parameters()).device
-        out, out_mask, _ = llama.generate(model, tokens.to(device), mask.to(device), max_new_tokens, temperature=temperature,
+        out, out_mask = llama.generate(model, tokens.to(device), mask.to(device), max_new_tokens, temperature=temperature,
                                           eos_id=tok.eos_id, pad_id=tok.pad_id, generator=generator)  # (B, N)
         for row, m in zip(out.tolist(), out_mask.tolist()):
             y = [t for t, keep in zip(row, m) if keep]
@@ -453,7 +454,7 @@ def _build(out, seed, cfg, log):
     policy = llama.Llama(cfg.model(tok.n_words))
     n_params = sum(p.numel() for p in policy.parameters())
     train_sft(policy, tok, splits["sft"], cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, seed, log)
-    llama.save_hf(policy, P("policy"))
+    checkpoints.save_llama(policy, P("policy"))
     shutil.copy(P("tokenizer"), os.path.join(P("policy"), "tokenizer.model"))
     sft_stats = evaluate(policy, tok, splits["eval"], max_new_tokens=cfg.max_new_tokens)
     stage(3, f"SFT: {n_params / 1e6:.2f}M parameters, {cfg.sft_steps} steps; held-out accuracy "
@@ -494,7 +495,7 @@ def _build(out, seed, cfg, log):
     acc = lambda ps: reward.preference_accuracy(rm, ps, cfg.rm_batch_size, tok.pad_id) if ps else float("nan")
     truth_acc, decisive_acc = acc(truth), acc(decisive)
     rm.eval()
-    rm.save(P("reward"))
+    checkpoints.save_reward_model(rm, P("reward"))
     shutil.copy(P("tokenizer"), os.path.join(P("reward"), "tokenizer.model"))
     stage(5, f"reward model: held-out accuracy {rm_acc:.3f} on noisy labels; against the noise-free annotator "
              f"{truth_acc:.3f} ({len(truth)} pairs), {decisive_acc:.3f} where one response is correct ({len(decisive)})")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import checkpoints
 import llama
 from llama import Llama, LlamaConfig, generate, left_pad
 
@@ -106,7 +107,7 @@ def write_meta(path, meta_sd, cfg, n_shards=1):
     for s in range(n_shards):  # model-parallel shards, split the way Meta splits them
         shard = {}
         for n, w in meta_sd.items():
-            dim = llama._META_SHARD_DIM.get(n.split(".")[-2])
+            dim = checkpoints.META_SHARD_DIM.get(n.split(".")[-2])
             shard[n] = w if dim is None else w.chunk(n_shards, dim=dim)[s].clone()
         shard["rope.freqs"] = torch.zeros(cfg.dim // cfg.n_heads // 2)  # LLaMA-1 files carry this derived table
         torch.save(shard, os.path.join(path, f"consolidated.{s:02d}.pth"))
@@ -136,7 +137,7 @@ def test_layouts_match_reference(tmp_path, layout):
             json.dump(index, open(os.path.join(path, "model.safetensors.index.json"), "w"))
     else:
         write_meta(path, sd, CFG, n_shards=2 if layout == "meta_2_shards" else 1)
-    model = Llama.from_pretrained(path)
+    model = checkpoints.load_llama(path)
     assert model.cfg == CFG
     ref = reference_logits(sd, CFG, TOKENS)
     torch.testing.assert_close(model(TOKENS).double(), ref, atol=1e-4, rtol=1e-4)  # fp32 vs float64
@@ -144,8 +145,8 @@ def test_layouts_match_reference(tmp_path, layout):
 
 def test_save_hf_round_trip(tmp_path):
     model = tiny()
-    llama.save_hf(model, str(tmp_path / "ck"))
-    again = Llama.from_pretrained(str(tmp_path / "ck"))
+    checkpoints.save_llama(model, str(tmp_path / "ck"))
+    again = checkpoints.load_llama(str(tmp_path / "ck"))
     assert torch.equal(model(TOKENS), again(TOKENS))
 
 
@@ -205,31 +206,27 @@ def test_greedy_generate_is_repeated_argmax():
     model = tiny()
     seqs = [TOKENS[0, :6].tolist(), TOKENS[1, :3].tolist()]
     tokens, mask = left_pad(seqs)
-    out, out_mask, logprobs = generate(model, tokens, mask, 10, temperature=0)
-    out2, _, _ = generate(model, tokens, mask, 10, temperature=0)
+    out, out_mask = generate(model, tokens, mask, 10, temperature=0)
+    out2, _ = generate(model, tokens, mask, 10, temperature=0)
     assert torch.equal(out, out2) and out_mask.all()
     for b, s in enumerate(seqs):
         seq = list(s)
         for t in range(10):
             logits = model(torch.tensor([seq]))[0, -1]
             assert out[b, t].item() == logits.argmax().item()
-            assert abs(logprobs[b, t].item() - logits.log_softmax(-1).max().item()) < 1e-5
             seq.append(out[b, t].item())
-    # the no-cache path agrees
-    out3, _, _ = generate(model, tokens, mask, 10, temperature=0, use_cache=False)
-    assert torch.equal(out, out3)
 
 
 def test_eos_stops_and_pads():
     model = tiny()
     tokens, mask = left_pad([TOKENS[0, :4].tolist(), TOKENS[1, :4].tolist()])
-    out, _, _ = generate(model, tokens, mask, 6, temperature=0)
+    out, _ = generate(model, tokens, mask, 6, temperature=0)
     eos = out[0, 2].item()  # pretend the third greedy token of row 0 is EOS
-    out2, m2, lp2 = generate(model, tokens, mask, 6, temperature=0, eos_id=eos, pad_id=-1)
+    out2, m2 = generate(model, tokens, mask, 6, temperature=0, eos_id=eos, pad_id=-1)
     first = (out[1] == eos).nonzero()
     stop1 = first[0, 0].item() + 1 if len(first) else 6
     assert m2[0].tolist() == [1, 1, 1] + [0] * (m2.shape[1] - 3)
-    assert (out2[0, 3:] == -1).all() and (lp2[0, 3:] == 0).all()
+    assert (out2[0, 3:] == -1).all()
     assert m2[1].sum().item() == min(stop1, m2.shape[1])
 
 
@@ -249,7 +246,7 @@ def test_sampling_respects_top_p_and_seed():
 def test_golden_greedy_sequence():
     # a fixed-seed tiny model and prompt must keep producing exactly these tokens (N(0, 0.02) init)
     model = tiny(seed=1234)
-    out, _, _ = generate(model, torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long), 12, temperature=0)
+    out, _ = generate(model, torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long), 12, temperature=0)
     assert out[0].tolist() == [149, 236, 74, 57, 2, 197, 213, 126, 137, 248, 183, 89]  # smallest top-2 gap 7e-4
 
 
@@ -275,7 +272,7 @@ def checkpoint(tmp_path_factory):
                               for _ in range(300)) + "\n" + llama.alpaca_prompt("x", "y"))
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path / "tokenizer"), vocab_size=320,
                                    model_type="bpe", byte_fallback=True, minloglevel=2)  # 256 byte pieces + 64
-    llama.save_hf(tiny(cfg=dataclasses.replace(CFG, vocab_size=320)), str(path))
+    checkpoints.save_llama(tiny(cfg=dataclasses.replace(CFG, vocab_size=320)), str(path))
     return path
 
 

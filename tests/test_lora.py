@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from llama import PRESETS, Llama, hf_to_meta_name, save_hf
-from lora import (LoRALinear, add_lora, count_parameters, load_adapter, lora_disabled, lora_layers,
-                  lora_state_dict, merge_lora, save_adapter, unmerge_lora)
+from checkpoints import hf_to_meta_name, load_adapter, load_llama, peft_key, save_adapter, save_llama
+from llama import PRESETS, Llama
+from lora import LoRALinear, add_lora, count_parameters, lora_disabled, lora_layers, merge_lora, unmerge_lora
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -237,14 +237,14 @@ def test_model_merge_unmerge():
 def test_save_load_round_trip(tmp_path):
     model, x = tiny(), tokens()
     base_dir = tmp_path / "base"
-    save_hf(model, str(base_dir))
+    save_llama(model, str(base_dir))
     add_lora(model, rank=4, alpha=16, dropout=0.1)
     randomize_B(model)
     want = model(x)
     save_adapter(model, str(tmp_path / "adapter"), base_model_name_or_path="tiny")
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
     # 1) into a fresh base model loaded from the same base weights: LoRA layers get injected
-    fresh = Llama.from_pretrained(str(base_dir)).eval()
+    fresh = load_llama(str(base_dir)).eval()
     load_adapter(fresh, str(tmp_path / "adapter"))
     assert torch.equal(fresh(x), want)
     assert count_parameters(fresh) == count_parameters(model)
@@ -277,7 +277,7 @@ def test_peft_file_layout(tmp_path):
     m = model.layers[1].feed_forward
     assert torch.equal(sd[f"{p}.mlp.gate_proj.lora_A.weight"], m.w1.lora_A)
     assert torch.equal(sd[f"{p}.mlp.up_proj.lora_A.weight"], m.w3.lora_A)
-    assert set(sd) == set(lora_state_dict(model))
+    assert set(sd) == {peft_key(i, t, ab) for i, t, _ in lora_layers(model) for ab in "AB"}
 
 
 def peft_adapter(tmp_path, r=2, alpha=8, targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"),
@@ -406,7 +406,7 @@ def test_sample_script_with_adapter(tmp_path):
                                    vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2)
     torch.manual_seed(0)
     model = Llama(dataclasses.replace(TINY, vocab_size=300))
-    save_hf(model, str(tmp_path / "ck"))
+    save_llama(model, str(tmp_path / "ck"))
     add_lora(model, rank=4, alpha=16)
     randomize_B(model, std=0.5)
     save_adapter(model, str(tmp_path / "adapter"))

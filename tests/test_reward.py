@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import llama
 import lora
 import reward
@@ -35,10 +36,9 @@ def test_bradley_terry_loss():
     assert math.isclose(reward.bradley_terry_loss(a, b).item(), expected, rel_tol=1e-6)
 
 
-def test_last_token_hidden_index():
-    h = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])         # left- and right-padded
-    assert reward.last_token_hidden(h, mask).squeeze(-1).tolist() == [4.0, 7.0]
+def test_last_index():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 1, 0, 0]])  # left-, right-padded, a hole
+    assert llama.last_index(mask).tolist() == [4, 2, 2]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -64,7 +64,7 @@ def test_alpaca_farm_layout_round_trip(tmp_path):
     tokens, mask = llama.left_pad(random_seqs([6, 4, 2]))
     with torch.no_grad():
         before = model(tokens, mask)
-    model.save(str(tmp_path / "rm"))
+    checkpoints.save_reward_model(model, str(tmp_path / "rm"))
     keys = set(load_file(str(tmp_path / "rm" / "model.safetensors")))
     for k in ("backbone_model.model.embed_tokens.weight", "backbone_model.model.layers.1.self_attn.q_proj.weight",
               "backbone_model.model.layers.0.mlp.gate_proj.weight", "backbone_model.model.layers.0.input_layernorm.weight",
@@ -73,7 +73,7 @@ def test_alpaca_farm_layout_round_trip(tmp_path):
         assert k in keys, k
     assert all(k.startswith(("backbone_model.model.", "backbone_model.lm_head.", "reward_head.")) for k in keys)
     assert json.load(open(tmp_path / "rm" / "config.json"))["model_type"] == "reward_model"
-    loaded = reward.RewardModel.from_pretrained(str(tmp_path / "rm")).eval()
+    loaded = checkpoints.load_reward_model(str(tmp_path / "rm")).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens, mask), before, rtol=0, atol=0)
 
@@ -85,9 +85,9 @@ def test_alpaca_farm_layout_round_trip(tmp_path):
     json.dump({"model_type": "reward_model", "architectures": ["RewardModel"],
                "backbone_model_name_or_path": str(tmp_path / "sft")}, open(tmp_path / "af" / "config.json", "w"))
     with pytest.raises(FileNotFoundError, match="backbone_path"):
-        reward.RewardModel.from_pretrained(str(tmp_path / "af"))
-    llama.save_hf(model.backbone, str(tmp_path / "sft"))
-    af = reward.RewardModel.from_pretrained(str(tmp_path / "af")).eval()
+        checkpoints.load_reward_model(str(tmp_path / "af"))
+    checkpoints.save_llama(model.backbone, str(tmp_path / "sft"))
+    af = checkpoints.load_reward_model(str(tmp_path / "af")).eval()
     with torch.no_grad():
         torch.testing.assert_close(af(tokens, mask), before, rtol=0, atol=0)
 
@@ -104,8 +104,8 @@ def test_save_folds_lora_into_weights(tmp_path):
         with lora.lora_disabled(model):
             base = model(tokens, mask)
     assert (before - base).abs().max() > 1e-3          # the adapters matter
-    model.save(str(tmp_path / "rm"))
-    loaded = reward.RewardModel.from_pretrained(str(tmp_path / "rm")).eval()
+    checkpoints.save_reward_model(model, str(tmp_path / "rm"))
+    loaded = checkpoints.load_reward_model(str(tmp_path / "rm")).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens, mask), before, rtol=0, atol=1e-5)
 
@@ -131,8 +131,8 @@ def test_value_model():
 
 def test_value_model_from_reward_checkpoint(tmp_path):
     rm = tiny_reward_model()
-    rm.save(str(tmp_path / "rm"))
-    value = reward.ValueModel.from_reward_model(str(tmp_path / "rm"), rank=2, alpha=4, dropout=0.0).eval()
+    checkpoints.save_reward_model(rm, str(tmp_path / "rm"))
+    value = reward.ValueModel(checkpoints.load_reward_model(str(tmp_path / "rm")).backbone, rank=2, alpha=4, dropout=0.0).eval()
     tokens, mask = llama.left_pad(random_seqs([5, 3]))
     with torch.no_grad():
         torch.testing.assert_close(value.backbone.hidden(tokens, mask), rm.backbone.hidden(tokens, mask),

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import checkpoints
 import llama
 from reward import RewardModel
 
@@ -29,9 +30,9 @@ def setup(tmp_path_factory):
     spm.SentencePieceTrainer.train(input=str(d / "text.txt"), model_prefix=str(d / "policy" / "tokenizer"),
                                    vocab_size=CFG.vocab_size, model_type="bpe", byte_fallback=True, minloglevel=2)
     torch.manual_seed(0)
-    llama.save_hf(llama.Llama(CFG), str(d / "policy"))
+    checkpoints.save_llama(llama.Llama(CFG), str(d / "policy"))
     torch.manual_seed(1)
-    RewardModel(CFG).save(str(d / "reward"))
+    checkpoints.save_reward_model(RewardModel(CFG), str(d / "reward"))
     records = [{"instruction": f"Sort the words: {l}", "input": ""} for l in lines[:40]]
     (d / "prompts.json").write_text(json.dumps(records))
     return d
@@ -94,9 +95,10 @@ def test_a_new_run_never_overwrites_an_earlier_one(setup, tmp_path):
         r = run(base_args(setup, out, "--steps", "1", "--seed", str(i)))
         assert r.returncode == 0, r.stderr
     run_files = ["adapter", "checkpoint", "metrics.jsonl"]
-    assert sorted(p.name for p in out.iterdir()) == run_files + ["previous-1", "previous-2"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"] + run_files + ["previous-1", "previous-2"]
+    assert (out / ".lock").read_text() == ""  # released: the last run ended
     for prev, seed in ((out / "previous-1", 1), (out / "previous-2", 2), (out, 3)):  # each run's files, whole
-        assert sorted(p.name for p in prev.iterdir() if "previous" not in p.name) == run_files
+        assert sorted(p.name for p in prev.iterdir() if "previous" not in p.name and p.name != ".lock") == run_files
         assert torch.load(prev / "checkpoint" / "state.pt", weights_only=True)["args"]["seed"] == seed
         assert [m["step"] for m in metrics(prev)] == [1]
     assert f"to {out}/previous-2 (`--out {out}/previous-2 --resume` would continue it)" in r.stdout
@@ -131,13 +133,13 @@ def test_dry_run_7b():
 
 
 def test_dry_run_activation_estimate_against_autograd():
-    """train.saved_bytes_per_token_layer against the bytes autograd really keeps (saved_tensors_hooks, storages
+    """plan.saved_bytes_per_token_layer against the bytes autograd really keeps (saved_tensors_hooks, storages
     counted once, parameters excluded), per layer: the difference between a 2- and a 1-layer LoRA model. On the
     CPU dropout keeps its mask in the input dtype, not 1 byte, and the formula leaves out small terms, so the
     measurement may exceed it, by at most 20% here (14-18% measured); dropping a term (SwiGLU is ~40% of
     it) or double counting fails. On an H100 the 7B estimate came within 2% of the measured peak."""
     import lora
-    import train
+    import plan
 
     def saved(n_layers, dtype, kv):
         cfg = llama.LlamaConfig(dim=256, n_layers=n_layers, n_heads=8, n_kv_heads=kv, vocab_size=256,
@@ -163,7 +165,7 @@ def test_dry_run_activation_estimate_against_autograd():
         for kv in (8, 2):
             (two, cfg), (one, _) = saved(2, dtype, kv), saved(1, dtype, kv)
             per_token_layer = (two - one) / 96
-            estimate = train.saved_bytes_per_token_layer(cfg, w)
+            estimate = plan.saved_bytes_per_token_layer(cfg, w)
             assert estimate <= per_token_layer <= 1.2 * estimate, (dtype, kv, per_token_layer, estimate)
 
 
@@ -212,7 +214,7 @@ def test_out_of_gpu_memory_is_one_line(setup, tmp_path, monkeypatch, capsys):
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(ppo, "rollout", oom)
+    monkeypatch.setattr(ppo, "generate_responses", oom)
     threads = torch.get_num_threads()
     assert train.cli(base_args(setup, tmp_path / "o")) == 1
     torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import llama
 import reward
 import world
@@ -173,10 +174,10 @@ def test_bootstrap_writes_loadable_files(built):
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words) == (1, 2, 3, 384)
     text = "Reverse: \u00e9\u00e8 ant 42 ZZ"  # unseen characters fall back to bytes, nothing is unknown
     assert tok.decode(tok.encode(text)) == text and 0 not in tok.encode(text)
-    policy = llama.Llama.from_pretrained(paths["policy"])
+    policy = checkpoints.load_llama(paths["policy"])
     assert policy.cfg.vocab_size == tok.n_words and policy.cfg.dim == TINY.dim
     assert os.path.exists(os.path.join(paths["policy"], "tokenizer.model"))
-    rm = reward.RewardModel.from_pretrained(paths["reward"])
+    rm = checkpoints.load_reward_model(paths["reward"])
     assert rm.backbone.cfg == policy.cfg
     prompts = json.load(open(paths["prompts"]))
     ev = json.load(open(paths["eval"]))
@@ -205,7 +206,7 @@ def test_bootstrap_is_idempotent_and_checks_settings(built):
 def test_bootstrap_reproducible_from_seed(built, tmp_path):
     _, paths, _ = built
     again = world.bootstrap(str(tmp_path / "again"), seed=0, cfg=TINY, log=None)
-    a, b = llama.Llama.from_pretrained(paths["policy"]), llama.Llama.from_pretrained(again["policy"])
+    a, b = checkpoints.load_llama(paths["policy"]), checkpoints.load_llama(again["policy"])
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), f"{n} differs between two builds with the same seed"
     for k in ("pairs", "eval", "prompts"):
@@ -234,9 +235,9 @@ def test_torchrun_train_end_to_end_on_the_small_world(built, tmp_path):
         assert 0 <= m["eval_win_rate"] <= 1 and 0 <= m["eval_accuracy"] <= 1 and math.isfinite(m["eval_true_kl"])
     assert metrics[0]["eval_true_kl"] == 0.0  # step 0 is the SFT policy itself
     assert all(math.isfinite(m["true_kl"]) and math.isfinite(m["loss"]) for m in metrics[1:])
-    policy = llama.Llama.from_pretrained(os.path.join(out, "sft"))
+    policy = checkpoints.load_llama(os.path.join(out, "sft"))
     import lora
-    lora.load_adapter(policy, str(tmp_path / "run" / "adapter"))
+    checkpoints.load_adapter(policy, str(tmp_path / "run" / "adapter"))
     assert len(json.load(open(tmp_path / "run" / "eval" / "step0002.json"))) == TINY.n_eval
 
 

@@ -1,0 +1,476 @@
+"""
+Every file this project reads or writes, in one place: the formats of the checkpoints users bring and the
+files a run leaves behind.
+
+    LLaMA         Hugging Face (config.json + *.safetensors / pytorch_model*.bin, sharded or not) or Meta
+                  (params.json + consolidated.NN.pth); one Meta <-> Hugging Face name table, below
+    LoRA adapter  PEFT's layout (adapter_config.json + adapter_model.safetensors), which PEFT and vLLM load
+    reward model  AlpacaFarm's layout (config.json with model_type "reward_model"; backbone_model.* + reward_head.*)
+    prompts       a JSON list or JSONL of {"instruction", "input"} records (or plain strings)
+    outputs       AlpacaEval JSON: a list of {"instruction", "input", "output", "generator"}
+
+Inside the model every parameter keeps Meta's name (wq, w1, attention_norm, ...); names are translated
+here and nowhere else. A file or field whose meaning we do not implement is refused by name, never loaded
+as something else. Every write goes to a temporary file that is renamed into place, so a crash leaves the
+old file or the new one, never half of one.
+
+    policy = load_llama("llama-7b-hf", device="cuda", dtype=torch.bfloat16)
+    rm = load_reward_model("reward-model-human", device="cuda", dtype=torch.bfloat16)
+    save_adapter(policy, "out/adapter")
+"""
+import glob
+import json
+import os
+import re
+import tempfile
+
+import torch
+
+import lora
+from llama import Llama, LlamaConfig, Tokenizer
+from reward import RewardModel
+
+# -----------------------------------------------------------------------------
+# reading and writing safely
+
+def read_json(path):
+    """The parsed JSON file; a missing or malformed file is one error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+
+
+def atomic_write(path, write):
+    """write(tmp_path), then rename over `path`: readers see the old file or the new one, never half of one.
+    The file gets the usual permissions (0666 minus the umask), not mkstemp's 0600."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj, indent=2):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+    atomic_write(path, write)
+
+
+def save_safetensors(path, tensors):
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+# -----------------------------------------------------------------------------
+# names: one table, both directions (Meta name piece <-> Hugging Face name piece)
+
+LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+               "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+               "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm"}
+TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+DERIVED = ("rotary_emb.inv_freq", "rope.freqs")  # rotary tables some writers save; recomputed from the config
+
+
+def meta_to_hf_name(name):
+    # "layers.3.attention.wq.weight" -> "model.layers.3.self_attn.q_proj.weight"
+    module, suffix = name.rsplit(".", 1)
+    if module in TOP_NAMES:
+        return f"{TOP_NAMES[module]}.{suffix}"
+    _, i, part = module.split(".", 2)
+    return f"model.layers.{i}.{LAYER_NAMES[part]}.{suffix}"
+
+
+def hf_to_meta_name(name):
+    # the inverse; None for names that are not LLaMA weights
+    module, _, suffix = name.rpartition(".")
+    for meta, hf in TOP_NAMES.items():
+        if module == hf:
+            return f"{meta}.{suffix}"
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
+    for meta, hf in LAYER_NAMES.items():
+        if m and m.group(2) == hf:
+            return f"layers.{m.group(1)}.{meta}.{suffix}"
+    return None
+
+
+def meta_to_hf_rotary(w, n_heads):
+    # Meta rotates interleaved pairs (2i, 2i+1) of each head; we rotate halves (i, i + hd/2): reorder rows
+    out, dim = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
+
+
+# -----------------------------------------------------------------------------
+# LLaMA: config.json (Hugging Face) or params.json (Meta)
+
+def read_config(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    hf, meta = os.path.join(path, "config.json"), os.path.join(path, "params.json")
+    file = hf if os.path.exists(hf) else meta if os.path.exists(meta) else None
+    if file is None:
+        raise FileNotFoundError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
+    c = read_json(file)
+    try:
+        if file == hf:
+            return LlamaConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                               n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
+                               hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+                               rope_theta=c.get("rope_theta", 10000.0),
+                               max_seq_len=c.get("max_position_embeddings", 2048))
+        hidden = int(2 * 4 * c["dim"] / 3)  # Meta's FFN width rule
+        if c.get("ffn_dim_multiplier") is not None:
+            hidden = int(c["ffn_dim_multiplier"] * hidden)
+        hidden = c["multiple_of"] * ((hidden + c["multiple_of"] - 1) // c["multiple_of"])
+        vocab = c.get("vocab_size", -1)
+        if vocab <= 0:  # -1: "from the tokenizer", which sits beside the weights or one level up
+            tok = [p for p in (os.path.join(path, "tokenizer.model"), os.path.join(path, "..", "tokenizer.model"))
+                   if os.path.exists(p)]
+            if not tok:
+                raise ValueError(f"{meta}: vocab_size is {vocab} and no tokenizer.model was found to count it")
+            vocab = Tokenizer(tok[0]).n_words
+        return LlamaConfig(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], n_kv_heads=c.get("n_kv_heads"),
+                           vocab_size=vocab, hidden_dim=hidden, norm_eps=c.get("norm_eps", 1e-6),
+                           rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_seq_len", 2048))
+    except KeyError as e:
+        raise ValueError(f"{file}: missing field {e}") from None
+
+
+def llama_config_fields(cfg):
+    """A LlamaConfig in Hugging Face config.json names."""
+    return {"hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_seq_len}
+
+
+# -----------------------------------------------------------------------------
+# LLaMA weights
+
+def weight_files(path):
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "consolidated.*.pth"):
+        files = sorted(glob.glob(os.path.join(path, pattern)))
+        if files:
+            return files
+    raise FileNotFoundError(f"{path}: no weights (*.safetensors, pytorch_model*.bin or consolidated.*.pth)")
+
+
+def load_pt(file):
+    # weights_only: a pickle that would run code is refused, not executed
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+# Meta shards a model-parallel checkpoint along these dimensions (norms are replicated)
+META_SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0, "output": 0}
+
+
+def iter_tensors(path):
+    """(name, tensor) over all weight files of a checkpoint directory, one tensor in memory at a time."""
+    files = weight_files(path)
+    if files[0].endswith(".safetensors"):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):  # a sharded checkpoint must have all its shards
+            missing = set(read_json(index)["weight_map"].values()) - {os.path.basename(f) for f in files}
+            if missing:
+                raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(sorted(missing))}")
+        from safetensors import safe_open
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+    elif files[0].endswith(".bin"):
+        for file in files:
+            yield from load_pt(file).items()
+    else:  # Meta: model-parallel shards are concatenated back, key by key
+        shards = [load_pt(f) for f in files]
+        for name in shards[0]:
+            dim = META_SHARD_DIM.get(name.split(".")[-2])
+            if len(shards) == 1 or dim is None:
+                yield name, shards[0][name]
+            else:
+                yield name, torch.cat([s[name] for s in shards], dim=dim)
+
+
+def load_weights(model, path, prefix=""):
+    """Fill a Llama from a Hugging Face or Meta checkpoint in `path`, converting names and the rotary order.
+    Hugging Face names have `prefix` stripped first. Returns the checkpoint keys the model did not use
+    (derived rotary tables are dropped silently)."""
+    meta_layout = not os.path.exists(os.path.join(path, "config.json"))
+    params = dict(model.named_parameters())
+    cfg, filled, unused = model.cfg, set(), []
+    for key, tensor in iter_tensors(path):
+        if key.endswith(DERIVED):
+            continue
+        if meta_layout:
+            name = key
+            if key.endswith(".attention.wq.weight"):
+                tensor = meta_to_hf_rotary(tensor, cfg.n_heads)
+            elif key.endswith(".attention.wk.weight"):
+                tensor = meta_to_hf_rotary(tensor, cfg.n_kv_heads or cfg.n_heads)
+        else:
+            name = hf_to_meta_name(key[len(prefix):]) if key.startswith(prefix) else None
+        if name not in params:
+            unused.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config says "
+                             f"{tuple(params[name].shape)} (check config.json / params.json)")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+        filled.add(name)
+    if "output.weight" not in filled and "tok_embeddings.weight" in filled and not meta_layout \
+            and read_json(os.path.join(path, "config.json")).get("tie_word_embeddings", False):
+        with torch.no_grad():
+            params["output.weight"].copy_(params["tok_embeddings.weight"])
+        filled.add("output.weight")
+    missing = [n for n in params if n not in filled]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the config needs, e.g. {', '.join(missing[:3])}")
+    return unused
+
+
+def empty_model(cls, cfg, device, dtype):
+    """Build on the meta device, then allocate once in `dtype` on `device`: a 7B checkpoint never needs twice
+    its size in memory. The weights are uninitialized until loaded."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    return model.to(dtype).to_empty(device=device)
+
+
+def load_llama(path, device="cpu", dtype=torch.float32):
+    model = empty_model(Llama, read_config(path), device, dtype)
+    unused = load_weights(model, path)
+    if unused:
+        raise ValueError(f"{path}: checkpoint has tensors the model does not use: {', '.join(unused[:5])}")
+    return model
+
+
+def save_llama(model, path):
+    """Write a Llama in the Hugging Face layout (config.json + model.safetensors)."""
+    os.makedirs(path, exist_ok=True)
+    save_safetensors(os.path.join(path, "model.safetensors"),
+                     {meta_to_hf_name(n): p for n, p in model.state_dict().items()})
+    write_json(os.path.join(path, "config.json"), {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                   **llama_config_fields(model.cfg), "tie_word_embeddings": False})
+
+
+# -----------------------------------------------------------------------------
+# PEFT LoRA adapters
+
+PEFT_PREFIX = "base_model.model.model.layers"
+META_TO_HF = {t: LAYER_NAMES[f"{p}.{t}"].split(".")[1] for t, p in lora.TARGETS.items()}  # "wq" -> "q_proj"
+HF_TO_META = {hf: t for t, hf in META_TO_HF.items()}
+
+
+def peft_key(i, t, ab):  # e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    return f"{PEFT_PREFIX}.{i}.{LAYER_NAMES[f'{lora.TARGETS[t]}.{t}']}.lora_{ab}.weight"
+
+
+def save_adapter(model, dir, base_model_name_or_path=None):
+    """Write dir/adapter_config.json and dir/adapter_model.safetensors (PEFT names, no adapter name)."""
+    layers = lora.lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: model has no LoRA layers")
+    hyper = {(m.rank, m.alpha, m.dropout.p) for _, _, m in layers}
+    assert len(hyper) == 1, f"one adapter file holds one (rank, alpha, dropout), model has {hyper}"
+    rank, alpha, p = hyper.pop()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": p,
+        "target_modules": sorted({META_TO_HF[t] for _, t, _ in layers}),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "revision": None,
+    }
+    tensors = {}
+    for i, t, m in layers:
+        tensors[peft_key(i, t, "A")] = m.lora_A  # (rank, in)
+        tensors[peft_key(i, t, "B")] = m.lora_B  # (out, rank)
+    os.makedirs(dir, exist_ok=True)
+    save_safetensors(os.path.join(dir, "adapter_model.safetensors"), tensors)
+    write_json(os.path.join(dir, "adapter_config.json"), config)
+
+
+def read_adapter_config(path):
+    c = read_json(path)
+
+    def need(ok, field, why):
+        if not ok:
+            raise ValueError(f"{path}: field {field!r} = {c.get(field)!r} {why}")
+    need(c.get("peft_type") == "LORA", "peft_type", "is not 'LORA'")
+    need(isinstance(c.get("r"), int) and c["r"] > 0, "r", "must be a positive integer")
+    need(isinstance(c.get("lora_alpha"), (int, float)), "lora_alpha", "must be a number")
+    need(isinstance(c.get("target_modules"), list), "target_modules", "must be a list of module names")
+    unknown = [n for n in c["target_modules"] if n not in HF_TO_META]
+    need(not unknown, "target_modules", f"has unknown names {unknown}; known: {list(HF_TO_META)}")
+    need(c.get("bias", "none") == "none", "bias", "is not supported (only 'none')")
+    # PEFT features that would change the math below: refuse rather than silently compute something else
+    for field in ("use_dora", "use_rslora", "fan_in_fan_out", "modules_to_save", "layers_to_transform",
+                  "rank_pattern", "alpha_pattern"):
+        need(not c.get(field), field, "is not supported here")
+    return c
+
+
+def read_adapter_weights(dir):
+    st, bin_ = os.path.join(dir, "adapter_model.safetensors"), os.path.join(dir, "adapter_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        path, sd = st, load_file(st)
+    elif os.path.isfile(bin_):
+        path, sd = bin_, load_pt(bin_)
+    else:
+        raise FileNotFoundError(f"{dir}: neither adapter_model.safetensors nor adapter_model.bin found")
+    # some writers keep PEFT's adapter name in the key (lora_A.default.weight); saved files usually don't
+    return path, {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+                  for k, v in sd.items()}
+
+
+def load_adapter(model, dir, lora_dtype=None):
+    """Load a PEFT LoRA adapter into a Llama, injecting LoRA layers first if it has none. Every key, shape
+    and field is checked before the model is touched."""
+    cfg_path = os.path.join(dir, "adapter_config.json")
+    c = read_adapter_config(cfg_path)
+    path, sd = read_adapter_weights(dir)
+    rank, alpha, targets = c["r"], c["lora_alpha"], sorted(HF_TO_META[n] for n in c["target_modules"])
+    existing = lora.lora_layers(model)
+    if existing:
+        have = ({m.rank for _, _, m in existing}, {m.alpha for _, _, m in existing},
+                sorted({t for _, t, _ in existing}))
+        if have != ({rank}, {alpha}, targets):
+            raise ValueError(f"{cfg_path}: adapter has r={rank}, lora_alpha={alpha}, targets {targets}; "
+                             f"model's LoRA layers have r={have[0]}, alpha={have[1]}, targets {have[2]}")
+        if any(m.merged for _, _, m in existing):
+            raise ValueError("load_adapter: model's LoRA layers are merged; unmerge_lora(model) first")
+    expected = {}  # PEFT key -> expected shape
+    for i, layer in enumerate(model.layers):
+        for t in targets:
+            m = getattr(getattr(layer, lora.TARGETS[t]), t)
+            expected[peft_key(i, t, "A")] = (rank, m.in_features)
+            expected[peft_key(i, t, "B")] = (m.out_features, rank)
+    for k, v in sd.items():
+        if k not in expected:
+            raise ValueError(f"{path}: unexpected key {k!r} (model has {len(model.layers)} layers, "
+                             f"targets {c['target_modules']} from {cfg_path})")
+        if tuple(v.shape) != expected[k]:
+            raise ValueError(f"{path}: key {k!r} has shape {tuple(v.shape)}, expected {expected[k]} "
+                             f"(r={rank} from {cfg_path})")
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise ValueError(f"{path}: missing {len(missing)} keys, first {missing[0]!r}")
+    if not existing:
+        lora.add_lora(model, rank, alpha, float(c.get("lora_dropout", 0.0)), targets, lora_dtype)
+    with torch.no_grad():
+        for i, t, m in lora.lora_layers(model):
+            m.lora_A.copy_(sd[peft_key(i, t, "A")])
+            m.lora_B.copy_(sd[peft_key(i, t, "B")])
+    return model
+
+
+# -----------------------------------------------------------------------------
+# AlpacaFarm reward models
+
+RM_PREFIX = "backbone_model."  # AlpacaFarm: RewardModel.backbone_model is a LlamaForCausalLM
+
+
+def load_reward_model(path, device="cpu", dtype=torch.float32, backbone_path=None):
+    """An AlpacaFarm reward checkpoint or one written by save_reward_model.
+
+    The LLaMA shape comes from config.json itself (our files carry the LLaMA fields alongside), else from
+    the backbone's config.json: backbone_path, or AlpacaFarm's backbone_model_name_or_path field.
+    """
+    c = read_json(os.path.join(path, "config.json"))
+    if c.get("model_type") != "reward_model":
+        raise ValueError(f"{path}/config.json: model_type is {c.get('model_type')!r}, expected 'reward_model'")
+    if "hidden_size" in c and backbone_path is None:
+        cfg = read_config(path)
+    else:
+        backbone_path = backbone_path or c.get("backbone_model_name_or_path")
+        if not backbone_path or not os.path.isfile(os.path.join(backbone_path, "config.json")):
+            raise FileNotFoundError(
+                f"{path}/config.json has no LLaMA fields and its backbone_model_name_or_path "
+                f"({backbone_path!r}) is not a local directory with a config.json; pass backbone_path= "
+                f"(the SFT model the reward model was trained from)")
+        cfg = read_config(backbone_path)
+    model = empty_model(RewardModel, cfg, device, dtype)
+    unused = load_weights(model.backbone, path, prefix=RM_PREFIX)
+    head = {k: t for k, t in iter_tensors(path) if k.startswith("reward_head.")} if unused else {}
+    for name in ("weight", "bias"):
+        key, param = f"reward_head.{name}", getattr(model.reward_head, name)
+        if key not in head:
+            raise ValueError(f"{path}: checkpoint lacks {key}")
+        if tuple(head[key].shape) != tuple(param.shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(head[key].shape)}, expected {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(head[key])
+    other = [k for k in unused if not k.startswith("reward_head.")]
+    if other:
+        raise ValueError(f"{path}: checkpoint has tensors a reward model does not use: {', '.join(other[:5])}")
+    return model
+
+
+def save_reward_model(rm, path, backbone_model_name_or_path=None):
+    """AlpacaFarm's layout, with the LLaMA fields in config.json so the file is self-contained. LoRA adapters
+    (if the backbone has them) are folded into the saved weights, W + (alpha/rank) B A; rm is not changed."""
+    tensors = {n: p for n, p in rm.backbone.state_dict().items() if ".lora_" not in n}
+    for i, t, m in lora.lora_layers(rm.backbone):
+        if not m.merged:
+            w = m.weight.float() + m.delta_weight().float()
+            tensors[f"layers.{i}.{lora.TARGETS[t]}.{t}.weight"] = w.to(m.weight.dtype)
+    tensors = {RM_PREFIX + meta_to_hf_name(n): t for n, t in tensors.items()}
+    tensors.update({f"reward_head.{n}": p for n, p in rm.reward_head.named_parameters()})
+    os.makedirs(path, exist_ok=True)
+    save_safetensors(os.path.join(path, "model.safetensors"), tensors)
+    write_json(os.path.join(path, "config.json"), {
+        "architectures": ["RewardModel"], "model_type": "reward_model",
+        "backbone_model_name_or_path": backbone_model_name_or_path, **llama_config_fields(rm.backbone.cfg)})
+
+
+# -----------------------------------------------------------------------------
+# prompts in, AlpacaEval records out
+
+def read_prompts(path):
+    """Records {"instruction", "input", ...} from a JSON list or JSONL file of records or plain strings."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        records = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    out = []
+    for i, r in enumerate(records):
+        r = {"instruction": r} if isinstance(r, str) else r
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or \
+                not isinstance(r.get("input", ""), (str, type(None))):
+            raise ValueError(f"{path}: record {i} needs a string 'instruction' (and optional string 'input')")
+        out.append({**r, "input": r.get("input") or ""})
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def write_alpaca_eval(path, records, outputs, generator):
+    write_json(path, [{"instruction": r["instruction"], "input": r.get("input") or "", "output": o,
+                       "generator": generator} for r, o in zip(records, outputs)], indent=1)
+
