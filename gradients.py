@@ -117,25 +117,27 @@ def as_loss(name, logits, ref_logits, y):
 
 
 def compare(g, g_true):
-    """(relative error ||g - g*|| / ||g*||, cosine); cosine None when g = 0 (up to float64 rounding)."""
+    """(relative error ||g - g*|| / ||g*||, size ||g|| / ||g*||, cosine); cosine None when g = 0 (up to
+    float64 rounding). Size and cosine determine the error: error^2 = 1 + size^2 - 2 size cosine."""
     g, g_true = g.flatten(), g_true.flatten()
-    rel = ((g - g_true).norm() / g_true.norm()).item()
-    if g.norm() <= 1e-12 * g_true.norm():
-        return rel, None
-    return rel, (g @ g_true / (g.norm() * g_true.norm())).item()
+    rel, size = ((g - g_true).norm() / g_true.norm()).item(), (g.norm() / g_true.norm()).item()
+    if size <= 1e-12:
+        return rel, size, None
+    return rel, size, (g @ g_true / (g.norm() * g_true.norm())).item()
 
 
 # ---- the README table -------------------------------------------------------------------------------
 
 def table(scales=D.DEMO_SCALES, V=4, T=3):
-    """Per pair: (KL, JS, cos(grad JS, grad KL)) and rows (estimator, placement, compared to, rel, cos)."""
+    """Per pair: (KL, JS, cos(grad JS, grad KL)); rows (pair, estimator, placement, compared to, error,
+    size, cosine)."""
     y = sequences(V, T)
     pairs, rows = {}, []
     for pair, scale in scales.items():
         logits, ref_logits = demo_policy(scale, V, T)
         value = {k: true_divergence(k, logits, ref_logits, y) for k in ("KL", "JS")}
         g_true = {k: grad(v, logits) for k, v in value.items()}
-        pairs[pair] = (value["KL"].item(), value["JS"].item(), compare(g_true["JS"], g_true["KL"])[1])
+        pairs[pair] = (value["KL"].item(), value["JS"].item(), compare(g_true["JS"], g_true["KL"])[2])
         for name in D.ESTIMATORS:
             for placement, fn in (("reward", in_reward), ("loss", as_loss)):
                 g = fn(name, logits, ref_logits, y)
@@ -149,14 +151,14 @@ def print_table(scales=D.DEMO_SCALES, V=4, T=3):
     for pair, (kl_, js_, cos) in pairs.items():
         print(f"{pair}: reference logits = policy logits + {scales[pair]} N(0, 1); "
               f"sequence KL = {kl_:.5f}, JS = {js_:.5f}, cos(grad JS, grad KL) = {cos:.3f}")
-    print("\n| estimator | placement | vs | " + " | ".join(f"{p}: rel. error | cosine" for p in pairs) + " |")
-    print("|---|---|---|" + "---:|" * 2 * len(pairs))
+    print("\n| estimator | placement | vs | " + " | ".join(f"{p}: error | size | cosine" for p in pairs) + " |")
+    print("|---|---|---|" + "---:|" * 3 * len(pairs))
     for name in D.ESTIMATORS:
         for placement in PLACEMENTS:
             cells = []
-            for _, _, _, target, rel, cos in (r for r in rows if r[1] == name and r[2] == placement):
+            for _, _, _, target, rel, size, cos in (r for r in rows if r[1] == name and r[2] == placement):
                 rel = 0.0 if rel < 1e-12 else rel                     # exact zeros, not rounding noise
-                cells.append(f"{rel:.3f} | " + ("n/a" if cos is None else f"{cos:+.3f}"))
+                cells.append(f"{rel:.3f} | {size:.3f} | " + ("n/a" if cos is None else f"{cos:+.3f}"))
             print(f"| {name} | {placement} | grad {target} | " + " | ".join(cells) + " |")
 
 
