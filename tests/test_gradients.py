@@ -79,7 +79,7 @@ def test_single_step_k2_and_k3_as_loss(pair, scale):
     # which is grad KL(q || p) (the opposite direction)
     k3 = G.as_loss("bregman", logits, ref_logits, y)
     assert rel(k3, g_rev) < TOL
-    # controls: k3 is not the forward KL's gradient, nor k2 the reverse one's (they agree to first order)
+    # controls: k3 does not give grad KL(p || q), nor k2 grad KL(q || p) (the two agree to first order)
     assert rel(k3, g_kl) > MISS * 10 and rel(k2, g_rev) > MISS * 10
 
 
@@ -95,8 +95,8 @@ def test_k2_as_loss_over_a_sequence_misses_the_future(pair, scale):
     missing = G.score_gradient(logits, y, G.reward_to_go(d) - d)
     assert rel(k2 + missing, g_kl) < TOL
     assert missing.norm() > 5 * MISS * g_kl.norm()                  # 1.0%, 5.5%, 21% of ||grad KL||
-    # k3 likewise: per position the reverse KL, E_{y ~ P}[sum_t grad KL(q_t || p_t)] with the prefixes'
-    # weights P(y_<t) held fixed, which is not grad KL(Q || P) of the sequences (those weigh by Q)
+    # k3 likewise gives per position the opposite direction, E_{y ~ P}[sum_t grad KL(q_t || p_t)] with the
+    # prefixes' weights P(y_<t) held fixed; not grad KL(Q || P) of the sequences, which weighs them by Q
     P = G.token_logprobs(logits, y).sum(-1).exp().detach()                   # (N,)
     rev_rows = D.kl_true(ref_logits, logits, dtype=torch.float64)[G.prefix_rows(y, 4)]    # (N, T)
     k3 = G.as_loss("bregman", logits, ref_logits, y)
@@ -128,9 +128,9 @@ def test_reward_plus_loss_is_grad_of_expected_penalty(pair, scale, T):
     assert (rel(total, g_js) < TOL) == (T == 1)
 
 
-# the rows that are biased in the reward: the relative error from grad KL (grad JS for js), per pair, at
-# least these values (the table prints 0.509 0.465 0.317 | 0.991 0.969 1.137 | 0.989 0.920 0.841 | ...);
-# bregman and squared are second order in d, grad KL first order, so they are far off even when close
+# the rows that are biased in the reward: their relative error from grad KL (grad JS for the js rows) is at
+# least this, close / medium / far (test_readme_table pins the values); bregman and squared are second
+# order in d where grad KL is first order, so they are far off even, and most of all, when close
 BIASED_IN_REWARD = {"clamped_kl": (0.5, 0.4, 0.3), "bregman": (0.9, 0.9, 1.0), "squared": (0.9, 0.9, 0.8),
                     "js": (1.0, 0.9, 0.7), "js_unbiased": (0.9, 1.0, 2.5)}
 
