@@ -14,12 +14,18 @@ copies instead of four. `torchrun --nproc_per_node=N` runs N data-parallel ranks
 of the batch and the trainable gradients (LoRA + value head) are all-reduced. Outputs: OUT/metrics.jsonl
 (one JSON line per step), OUT/checkpoint (for --resume), OUT/adapter (the final policy adapter, PEFT layout).
 """
+import os
+
+# Torch picks its vectorized CPU kernels by the processor (AVX2 or AVX-512), and the two round differently,
+# enough for a training run to end elsewhere. Pinning AVX2 (every x86-64 CPU since 2013) makes a CPU run
+# independent of whether the machine has AVX-512; set ATEN_CPU_CAPABILITY yourself to choose otherwise.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
 import argparse
 import dataclasses
 import datetime
 import json
 import math
-import os
 import sys
 import time
 import typing

@@ -21,10 +21,16 @@ miniature of each, with no downloads:
     python world.py --out .world/seed0 --seed 0     # builds once (~5 min on 2 CPU cores); then a no-op
     python -m pytest tests/test_world.py
 """
+import os
+
+# Torch picks its vectorized CPU kernels by the processor (AVX2 or AVX-512), and the two round differently,
+# enough for a training run to end elsewhere. Pinning AVX2 (every x86-64 CPU since 2013) makes a CPU run
+# independent of whether the machine has AVX-512; set ATEN_CPU_CAPABILITY yourself to choose otherwise.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
 import argparse
 import json
 import math
-import os
 import random
 import re
 import shutil
