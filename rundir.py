@@ -21,6 +21,7 @@ import signal
 import sys
 
 import torch
+import torch.distributed as dist
 
 import checkpoints
 
@@ -37,6 +38,8 @@ def claim(out):
     when the process dies, so a lock left by a dead run is taken over). Returns a message if a stale lock
     was taken over, else None. One run per process: a lock this process still holds is released first."""
     release()
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory")
     try:
         os.makedirs(out, exist_ok=True)
         fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -69,11 +72,13 @@ class Interrupted(Exception):
 _signalled = []
 
 
-def stop_on_signals(world_size):
-    """SIGINT / SIGTERM: with one rank, raise Interrupted at once (the loop then saves the last finished
-    step, which takes seconds even at 7B, well within torchrun's 30 s grace); with several ranks, only note
-    it, and the ranks stop together at the end of the step (interrupted()). A worker started by torchrun asks
-    the kernel for SIGTERM when its launcher dies (Linux's PR_SET_PDEATHSIG)."""
+def stop_on_signals():
+    """For the process's entry point. SIGINT / SIGTERM: with one rank, raise Interrupted at once (the loop
+    then saves the last finished step, which takes seconds even at 7B, well within torchrun's 30 s grace);
+    with several ranks, only note it, and the ranks stop together at the end of the step (interrupted()). A
+    worker started by torchrun asks the kernel for SIGTERM when its launcher dies (Linux's PR_SET_PDEATHSIG)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+
     def handler(sig, frame):
         _signalled.append(sig)
         if world_size == 1 and len(_signalled) == 1:
@@ -83,14 +88,11 @@ def stop_on_signals(world_size):
     if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the launcher died before the request
-            raise Interrupted("launcher gone")
+            sys.exit("error: the torchrun launcher that started this worker is gone")
 
 
-def interrupted(world_size, device):
+def interrupted(device):
     """With several ranks: did any rank get a signal? (all ranks call this at the same point of a step)."""
-    if world_size == 1:
-        return bool(_signalled)
-    import torch.distributed as dist
     flag = torch.tensor([float(bool(_signalled))], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0
@@ -174,13 +176,20 @@ def save_checkpoint(state, args, out, rank, barrier, save_adapter):
     final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
     barrier()
     rng = {k: state[k] for k in ("rng", "gen_rng", "cuda_rng")}
-    torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
-    if rank == 0:
-        torch.save({**{k: v for k, v in state.items() if k not in rng}, "args": args}, os.path.join(tmp, "state.pt"))
-        save_adapter(os.path.join(tmp, "policy_adapter"))
+    try:  # a full disk: the new checkpoint is dropped, the old one stays whole
+        os.makedirs(tmp, exist_ok=True)
+        torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
+        if rank == 0:
+            torch.save({**{k: v for k, v in state.items() if k not in rng}, "args": args},
+                       os.path.join(tmp, "state.pt"))
+            save_adapter(os.path.join(tmp, "policy_adapter"))
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise ValueError(f"could not write the checkpoint of step {state['step']} to {tmp} ({reason}); "
+                         f"{final} is unchanged") from None
     barrier()
     if rank == 0:
         old = final + ".old"
@@ -199,6 +208,11 @@ def load_checkpoint(out, rank):
         if not os.path.exists(os.path.join(path, f)):
             raise FileNotFoundError(f"--resume: {os.path.join(path, f)} is missing (no checkpoint, or one "
                                     f"written by a run with another number of ranks)")
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    state.update(torch.load(os.path.join(path, f"rng-rank{rank}.pt"), map_location="cpu", weights_only=True))
+    state = {}
+    for f in ("state.pt", f"rng-rank{rank}.pt"):
+        try:  # weights_only: a pickle that would run code is refused, not executed
+            state.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
+        except Exception as e:  # truncated, empty, garbage, or pickled code: torch raises many kinds
+            raise ValueError(f"--resume: {os.path.join(path, f)} is not a readable checkpoint file "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty'})") from None
     return state

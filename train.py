@@ -303,7 +303,6 @@ def main(argv=None):
         note = rundir.claim(args.out)
         if note:
             log(note)
-    rundir.stop_on_signals(world_size)
     dev = devices[0]
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -404,7 +403,7 @@ def main(argv=None):
             good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
             if step % args.save_every == 0 or step == args.steps:
                 save(good, args, rank, policy)
-            if world_size > 1 and rundir.interrupted(world_size, dev):  # several ranks stop together, here
+            if world_size > 1 and rundir.interrupted(dev):  # several ranks stop together, here
                 raise rundir.Interrupted("signal")
     except (FloatingPointError, rundir.Interrupted) as e:
         rundir.restore(good, policy, value, optimizer, scheduler, generator)
@@ -431,7 +430,7 @@ def cli(argv=None):
     except rundir.Interrupted as e:
         print(e, file=sys.stderr)
         return 130  # as a shell reports a process stopped by Ctrl-C
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: a full disk, a vanished file
         print(f"error: {e}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
@@ -445,4 +444,5 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
+    rundir.stop_on_signals()
     sys.exit(cli())

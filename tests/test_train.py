@@ -2,6 +2,9 @@
 import json
 import os
 import re
+import resource
+import signal
+import stat
 import subprocess
 import sys
 import time
@@ -59,10 +62,29 @@ def metrics(out):
 DETERMINISTIC = ("score", "penalty", "true_kl", "response_length", "loss", "pg_loss", "vf_loss", "grad_norm")
 
 
-def test_resume_equals_uninterrupted(setup, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    r = run(base_args(setup, full, "--steps", "4"))
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    """A 4-step run, start to end: what every interrupted-and-resumed run must reproduce exactly."""
+    out = tmp_path_factory.mktemp("full") / "o"
+    r = run(base_args(setup, out, "--steps", "4"))
     assert r.returncode == 0, r.stderr
+    return out
+
+
+def assert_same_run(a, b):
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in mb] == [m["step"] for m in ma] == [1, 2, 3, 4]
+    for x, y in zip(ma, mb):
+        for k in DETERMINISTIC:
+            assert x[k] == y[k], (x["step"], k, x[k], y[k])
+    from safetensors.torch import load_file
+    wa = load_file(str(a / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(setup, uninterrupted, tmp_path):
+    part = tmp_path / "part"
     # the same run, killed (SIGKILL) as soon as its first checkpoint is published, then resumed
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *base_args(setup, part, "--steps", "4")],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -75,18 +97,105 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     r = run(base_args(setup, part, "--steps", "4", "--resume"))
     assert r.returncode == 0, r.stderr
     assert f"resumed from {part}/checkpoint at step {killed_at}" in r.stdout
-    a, b = metrics(full), metrics(part)
-    assert [m["step"] for m in b] == [1, 2, 3, 4]
-    for m in a:  # the timings are logged: generation and scoring are parts of the rollout
+    assert f"took over {part}/.lock from PID {p.pid}, which is no longer running" in r.stdout
+    assert_same_run(uninterrupted, part)
+    for m in metrics(uninterrupted):  # the timings are logged: generation and scoring are parts of the rollout
         assert min(m[k] for k in ("time_generate", "time_score", "time_train", "tokens_per_s")) > 0, m
         assert m["time_generate"] + m["time_score"] <= m["time_rollout"], m
-    for ma, mb in zip(a, b):
-        for k in DETERMINISTIC:
-            assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
-    from safetensors.torch import load_file
-    wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
-    wb = load_file(str(part / "adapter" / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_files_get_the_usual_permissions(uninterrupted):
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "checkpoint/state.pt",
+              "checkpoint/policy_adapter/adapter_model.safetensors", "metrics.jsonl"):
+        assert stat.S_IMODE(os.stat(uninterrupted / f).st_mode) == 0o666 & ~umask, f
+
+
+def wait_for_step(out, step, p, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout and p.poll() is None:
+        if (out / "metrics.jsonl").exists() and any(f'"step": {step},' in l for l in open(out / "metrics.jsonl")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {step}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_ctrl_c_saves_the_last_step_and_resume_is_exact(setup, uninterrupted, tmp_path, launcher):
+    part = tmp_path / "part"
+    cmd = ([sys.executable] if launcher == "python" else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"])
+    # no periodic checkpoint: whatever is saved, Ctrl-C saved it
+    p = subprocess.Popen(cmd + [os.path.join(ROOT, "train.py"), *base_args(setup, part, "--steps", "4",
+                                                                           "--save-every", "100")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    wait_for_step(part, 2, p)
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground process group
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == (130 if launcher == "python" else 1), err
+    step = torch.load(part / "checkpoint" / "state.pt", weights_only=True)["step"]
+    line = f"interrupted (SIGINT): the checkpoint of step {step} is in {part}/checkpoint (--resume continues from it)"
+    ours = [l for l in err.splitlines() if not l.startswith(("W", "I", " ", "Traceback", "torch."))]
+    assert step >= 2 and ours == [line], err  # (torchrun adds its own report of the signal)
+    r = run(base_args(setup, part, "--steps", "4", "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert_same_run(uninterrupted, part)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_out_is_refused(setup, tmp_path):
+    out = tmp_path / "o"
+    a = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *base_args(setup, out, "--steps", "50")],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(out, 1, a)
+    before = (out / "metrics.jsonl").read_text()
+    r = run(base_args(setup, out, "--steps", "1"))
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: --out {out} is in use by another run (PID {a.pid}, {out}/.lock); wait for it to finish or choose "
+        f"another --out"), r.stderr
+    assert (out / "metrics.jsonl").read_text().startswith(before) and not (out / "previous-1").exists()
+    a.kill()
+    a.wait()
+
+
+@pytest.mark.slow
+def test_a_worker_stops_when_its_launcher_dies(setup, tmp_path):
+    out = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          os.path.join(ROOT, "train.py"), *base_args(setup, out, "--steps", "50", "--save-every", "100")],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_step(out, 1, p)
+    worker = int((out / ".lock").read_text())  # rank 0 holds OUT's lock
+    assert worker != p.pid
+    p.kill()  # kill -9 of torchrun: it forwards nothing
+    p.wait()
+    t = time.time()
+    while os.path.exists(f"/proc/{worker}") and time.time() - t < 60:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{worker}"), "the worker outlived its launcher"
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] >= 1  # and saved on the way out
+
+
+@pytest.mark.slow
+def test_a_full_disk_leaves_the_previous_checkpoint_whole(setup, tmp_path):
+    out = tmp_path / "o"
+    assert run(base_args(setup, out, "--steps", "1")).returncode == 0
+    state = (out / "checkpoint" / "state.pt").read_bytes()
+    limit = len(state) - 1  # every file may grow to this size: the next state.pt cannot be written
+
+    def small_files():  # EFBIG at the limit, the way ENOSPC fails a write, instead of SIGXFSZ killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *base_args(setup, out, "--steps", "2",
+                                                                                   "--resume")],
+                       cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: could not write the checkpoint of step 2 to {out}/checkpoint.tmp") and \
+        r.stderr.strip().endswith(f"{out}/checkpoint is unchanged"), r.stderr
+    assert (out / "checkpoint" / "state.pt").read_bytes() == state and not (out / "checkpoint.tmp").exists()
 
 
 def test_a_new_run_never_overwrites_an_earlier_one(setup, tmp_path):
@@ -169,43 +278,100 @@ def test_dry_run_activation_estimate_against_autograd():
             assert estimate <= per_token_layer <= 1.2 * estimate, (dtype, kv, per_token_layer, estimate)
 
 
-BAD = {"estimator": "valid names: kl, clamped_kl", "no_prompts": "does not exist", "bad_record": "record 1",
-       "missing_ckpt": "no weights", "divide": "not divisible", "device": "does not exist on this machine",
-       "partial_args": "together", "resume_nothing": "is missing", "nan": "stopped at PPO step 1, the checkpoint of step 0"}
+def flag(name, value):
+    return lambda d, args, tmp: args + [name, value]
+
+
+def prompts_file(text, binary=False):
+    def edit(d, args, tmp):
+        (tmp / "p.json").write_bytes(text) if binary else (tmp / "p.json").write_text(text)
+        args[args.index("--prompts") + 1] = str(tmp / "p.json")
+        return args
+    return edit
+
+
+def out_at(path):
+    def edit(d, args, tmp):
+        (tmp / "file").write_text("x")
+        args[args.index("--out") + 1] = str(tmp / path)
+        return args
+    return edit
+
+
+def resume_with(name, content):
+    """--resume from a copy of a finished run whose file `name` is replaced by `content` (bytes)."""
+    def edit(d, args, tmp):
+        import shutil
+        shutil.copytree(d["full"], tmp / "o", dirs_exist_ok=True)
+        target = tmp / "o" / name
+        target.write_bytes(content(target.read_bytes()) if callable(content) else content)
+        return args + ["--resume", "--steps", "5"]
+    return edit
+
+
+def no_weights(d, args, tmp):
+    (tmp / "empty").mkdir()
+    for f in ("config.json", "tokenizer.model"):
+        (tmp / "empty" / f).write_bytes((d["setup"] / "policy" / f).read_bytes())
+    args[args.index("--policy") + 1] = str(tmp / "empty")
+    return args
+
+
+# case -> (how the good command is spoiled, what the one line must say)
+BAD = {
+    "estimator": (flag("--estimator", "kll"), "valid names: kl, clamped_kl"),
+    "no_prompts": (lambda d, a, t: a[:a.index("--prompts") + 1] + [str(t / "none.json")] + a[a.index("--prompts") + 2:],
+                   "does not exist"),
+    "bad_record": (prompts_file('{"instruction": "a"}\n{"input": "b"}\n'), "record 1"),
+    "not_utf8": (prompts_file(b'[{"instruction": "caf\xe9"}]', binary=True), "p.json: not UTF-8 text"),
+    "missing_weights": (no_weights, "no weights"),
+    "divide": (flag("--step-batch-size", "3"), "not divisible"),
+    "no_gpu": (flag("--devices", "cuda:7"), "does not exist on this machine"),
+    "empty_devices": (flag("--devices", ""), "--devices: '' is not a device name"),
+    "meta_device": (flag("--devices", "meta"), "--devices: meta is not supported"),
+    "partial_args": (lambda d, a, t: a[2:], "together"),
+    "temperature": (flag("--temperature", "-1"), "--temperature must be a finite number >= 0"),
+    "top_p_0": (flag("--top-p", "0"), "--top-p must be in (0, 1]"),
+    "top_p_2": (flag("--top-p", "2"), "--top-p must be in (0, 1]"),
+    "warmup": (flag("--warmup-steps", "-5"), "--warmup-steps must be at least 0"),
+    "kl_negative": (flag("--kl-coef", "-5"), "--kl-coef must be a finite number >= 0"),
+    "kl_nan": (flag("--kl-coef", "nan"), "--kl-coef must be a finite number >= 0"),
+    "kl_inf": (flag("--kl-coef", "inf"), "--kl-coef must be a finite number >= 0"),
+    "no_eos_nan": (flag("--no-eos-penalty", "nan"), "--no-eos-penalty must be a finite number"),
+    "alpha_nan": (flag("--lora-alpha", "nan"), "--lora-alpha must be a finite number > 0"),
+    "out_is_a_file": (out_at("file"), "is a file, not a directory"),
+    "out_under_a_file": (out_at("file/o"), "cannot write there (Not a directory)"),
+    "resume_nothing": (flag("--resume", None), "is missing"),
+    "resume_truncated_state": (resume_with("checkpoint/state.pt", lambda b: b[:len(b) // 2]),
+                               "checkpoint/state.pt is not a readable checkpoint file"),
+    "resume_empty_state": (resume_with("checkpoint/state.pt", b""), "state.pt is not a readable checkpoint file"),
+    "resume_garbage_rng": (resume_with("checkpoint/rng-rank0.pt", b"garbage" * 10),
+                           "rng-rank0.pt is not a readable checkpoint file"),
+    "resume_bad_metrics": (resume_with("metrics.jsonl", lambda b: b.replace(b"\n", b"\n{oops\n", 1)),
+                           "metrics.jsonl: line 2 is not a metrics line"),
+    "nan": (flag("--lr", "1e30"), "stopped at PPO step 1, the checkpoint of step 0"),  # 1e30 overflows
+}
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_clear_message(setup, tmp_path, case):
+def test_bad_input_ends_in_one_line(setup, uninterrupted, tmp_path, case, capsys):
+    """Each bad flag or file ends in one line naming it, exit status 1, and no file in OUT changed (except
+    after a NaN: the last good step is saved)."""
     import train
-    args = base_args(setup, tmp_path / "o")
-    if case == "estimator":
-        args += ["--estimator", "kll"]
-    elif case == "no_prompts":
-        args[args.index("--prompts") + 1] = str(tmp_path / "none.json")
-    elif case == "bad_record":
-        (tmp_path / "p.jsonl").write_text('{"instruction": "a"}\n{"input": "b"}\n')
-        args[args.index("--prompts") + 1] = str(tmp_path / "p.jsonl")
-    elif case == "missing_ckpt":
-        (tmp_path / "empty").mkdir()
-        (tmp_path / "empty" / "config.json").write_text((setup / "policy" / "config.json").read_text())
-        (tmp_path / "empty" / "tokenizer.model").write_bytes((setup / "policy" / "tokenizer.model").read_bytes())
-        args[args.index("--policy") + 1] = str(tmp_path / "empty")
-    elif case == "divide":
-        args += ["--step-batch-size", "3"]
-    elif case == "device":
-        args += ["--devices", "cuda:7"]
-    elif case == "partial_args":
-        args = args[2:]
-    elif case == "resume_nothing":
-        args += ["--resume"]
-    else:
-        args += ["--lr", "1e30"]  # weights of 1e30 overflow the next forward
+    spoil, message = BAD[case]
+    args = spoil({"setup": setup, "full": uninterrupted}, base_args(setup, tmp_path / "o"), tmp_path)
+    args = [a for a in args if a is not None]
+    files = lambda: {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file() and p.name != ".lock"}
+    before = files() if (tmp_path / "o").is_dir() else {}
     threads = torch.get_num_threads()
-    with pytest.raises((ValueError, FileNotFoundError, FloatingPointError), match=BAD[case]):
-        train.main(args)
+    assert train.cli(args) == 1
     torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     if case == "nan":  # the weights of the last finished step were saved, and the run can resume from them
         assert torch.load(tmp_path / "o" / "checkpoint" / "state.pt", weights_only=True)["step"] == 0
+    elif (tmp_path / "o").is_dir():
+        assert files() == before
 
 
 def test_out_of_gpu_memory_is_one_line(setup, tmp_path, monkeypatch, capsys):
