@@ -243,6 +243,24 @@ def test_sampling_respects_top_p_and_seed():
     assert set(gen(2, 0.3).tolist()) <= nucleus
 
 
+@pytest.mark.parametrize("top_p", [0.7, 1.0])
+def test_top_p_draws_the_renormalized_nucleus(top_p):
+    """Each token in the nucleus (the most likely tokens until their mass reaches top_p) is drawn with its
+    probability renormalized over the nucleus, within 5 standard errors; no token outside it is ever drawn.
+    A greedy sampler, or one that ignores top_p, fails."""
+    probs = torch.tensor([0.05, 0.4, 0.01, 0.15, 0.25, 0.03, 0.1, 0.01])
+    n = 20000
+    draws = llama.sample_top_p(probs.expand(n, -1), top_p, torch.Generator().manual_seed(0))    # (n,)
+    freq = torch.bincount(draws, minlength=8).double() / n
+    nucleus = [1, 4, 3] if top_p == 0.7 else list(range(8))  # 0.4 + 0.25 < 0.7 <= 0.4 + 0.25 + 0.15
+    expected = torch.zeros(8, dtype=torch.float64)
+    expected[nucleus] = probs[nucleus].double() / probs[nucleus].double().sum()
+    se = (expected * (1 - expected) / n).sqrt()
+    inside = expected > 0
+    assert ((freq - expected).abs()[inside] <= 5 * se[inside]).all(), (freq, expected)
+    assert (freq[~inside] == 0).all()
+
+
 def test_golden_greedy_sequence():
     # a fixed-seed tiny model and prompt must keep producing exactly these tokens (N(0, 0.02) init)
     model = tiny(seed=1234)
@@ -301,33 +319,70 @@ def test_sample_script_writes_alpacaeval_json(checkpoint, tmp_path):
     assert records[1]["input"] == "red blue" and records[0]["generator"] == "tiny"
 
 
-@pytest.mark.parametrize("case", ["no_dir", "no_weights", "bad_shape", "too_long", "bad_json", "bad_record"])
-def test_bad_input_one_clear_line(checkpoint, tmp_path, case):
-    args = ["--checkpoint", str(checkpoint), "--prompt", "the cat", "--max-new-tokens", "4"]
-    expect = {"no_dir": "does not exist", "no_weights": "no weights", "bad_shape": "has shape",
-              "too_long": "exceeds the context", "bad_json": "malformed JSON", "bad_record": "record 1"}[case]
-    if case == "no_dir":
-        args[1] = str(tmp_path / "nowhere")
-    elif case in ("no_weights", "bad_shape"):
-        d = tmp_path / case
+def spoiled_checkpoint(edit_config, weights=True):
+    def make(ck, args, tmp):
+        d = tmp / "ck"
         d.mkdir()
-        (d / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
-        cfg = json.loads((checkpoint / "config.json").read_text())
-        if case == "bad_shape":
-            cfg["intermediate_size"] += 8
-            (d / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+        (d / "tokenizer.model").write_bytes((ck / "tokenizer.model").read_bytes())
+        if weights:
+            (d / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes())
+        cfg = json.loads((ck / "config.json").read_text())
+        edit_config(cfg)
         (d / "config.json").write_text(json.dumps(cfg))
-        args[1] = str(d)
-    elif case == "too_long":
-        args[-1] = str(CFG.max_seq_len)
-    else:
-        f = tmp_path / "p.json"
-        f.write_text("[\"ok\", " if case == "bad_json" else json.dumps(["ok", {"input": "no instruction"}]))
-        args[2:4] = ["--prompts", str(f)]
-    r = run_sample(*args)
-    assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], r.stderr
+        return ["--checkpoint", str(d)] + args[2:]
+    return make
+
+
+def prompts_file(text):
+    def make(ck, args, tmp):
+        (tmp / "p.json").write_bytes(text.encode() if isinstance(text, str) else text)
+        return args[:2] + ["--prompts", str(tmp / "p.json")] + args[4:]
+    return make
+
+
+def with_flags(*flags):
+    return lambda ck, args, tmp: args + list(flags)
+
+
+# case -> (how the good command is spoiled, what the one line must say)
+SAMPLE_BAD = {
+    "no_dir": (lambda ck, a, t: ["--checkpoint", str(t / "nowhere")] + a[2:], "does not exist"),
+    "no_weights": (spoiled_checkpoint(lambda c: None, weights=False), "no weights"),
+    "bad_shape": (spoiled_checkpoint(lambda c: c.update(intermediate_size=c["intermediate_size"] + 8)), "has shape"),
+    "too_long": (with_flags("--max-new-tokens", str(CFG.max_seq_len)), "exceeds the context"),
+    "bad_json": (prompts_file('["ok", '), "malformed JSON"),
+    "bad_record": (prompts_file(json.dumps(["ok", {"input": "no instruction"}])), "record 1"),
+    "not_utf8": (prompts_file(b'["caf\xe9"]'), "p.json: not UTF-8 text"),
+    "max_new_tokens_0": (with_flags("--max-new-tokens", "0"), "--max-new-tokens must be at least 1, got 0"),
+    "max_new_tokens_neg": (with_flags("--max-new-tokens", "-5"), "--max-new-tokens must be at least 1, got -5"),
+    "temperature": (with_flags("--temperature", "-1"), "--temperature must be >= 0"),
+    "top_p_0": (with_flags("--top-p", "0"), "--top-p must be in (0, 1]"),
+    "top_p_2": (with_flags("--top-p", "2"), "--top-p must be in (0, 1]"),
+    "batch_size": (with_flags("--batch-size", "0"), "--batch-size must be at least 1"),
+    "merge_alone": (with_flags("--merge"), "--merge must be given with --adapter"),
+    "out_is_a_dir": (lambda ck, a, t: a + ["--out", str(t)], "--out must be a file, not a directory"),
+    "no_cuda": (with_flags("--device", "cuda"), "this machine has no CUDA device"),
+    "bad_device": (with_flags("--device", "gpu0"), "--device 'gpu0' is not a device name"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLE_BAD))
+def test_sample_bad_input_ends_in_one_line(checkpoint, tmp_path, case, capsys):
+    import sample
+    if case == "no_cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    spoil, message = SAMPLE_BAD[case]
+    args = spoil(checkpoint, ["--checkpoint", str(checkpoint), "--prompt", "the cat", "--max-new-tokens", "4"],
+                 tmp_path)
+    assert sample.cli(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")], "a temporary file was left behind"
+
+
+def test_sample_bad_input_on_the_command_line(checkpoint):
+    r = run_sample("--checkpoint", str(checkpoint), "--prompt", "the cat", "--top-p", "2")
+    assert r.returncode == 1 and r.stderr == "error: --top-p must be in (0, 1], got 2.0\n", r.stderr
 
 
 def test_unknown_preset():

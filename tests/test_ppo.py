@@ -324,6 +324,7 @@ def test_nan_loss_raises_naming_the_step():
         ppo.ppo_update(policy, value, optimizer, None, batch, cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", sorted(divergences.ESTIMATORS))
 def test_ppo_raises_a_known_reward(estimator):
     # A random tiny policy with LoRA; reward +1 per response token with id < 32 (1/8 of the vocabulary).
