@@ -104,9 +104,15 @@ def main(argv=None):
         print(f"wrote {len(records)} records to {args.out}")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main(), with bad input ending in one line on stderr and exit status 1."""
     try:
-        main()
+        main(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
