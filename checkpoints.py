@@ -439,23 +439,32 @@ def save_adapter(model, dir, base_model_name_or_path=None):
     write_json(os.path.join(dir, "adapter_config.json"), config)
 
 
+# adapter_config.json fields that mean plain LoRA, W + (lora_alpha / r) B A on the named modules, with the values
+# that keep that meaning (None: any). Any other field that is set (not null, false, empty) is refused by name: PEFT
+# keeps adding variants (DoRA, rsLoRA, activated LoRA, ...) that reuse LoRA's keys but compute something else.
+PEFT_PLAIN = {"peft_type": ("LORA",), "r": None, "lora_alpha": None, "lora_dropout": None, "target_modules": None,
+              "bias": ("none",), "fan_in_fan_out": (False,), "init_lora_weights": (True, False, "gaussian"),
+              "task_type": None, "base_model_name_or_path": None, "revision": None, "inference_mode": None,
+              "auto_mapping": None, "peft_version": None, "layers_pattern": None, "megatron_core": None,
+              "qalora_group_size": None, "runtime_config": None}
+
+
 def read_adapter_config(path):
     c = read_json(path)
-
-    def need(ok, field, why):
-        if not ok:
-            raise ValueError(f"{path}: field {field!r} = {c.get(field)!r} {why}")
-    need(c.get("peft_type") == "LORA", "peft_type", "is not 'LORA'")
-    need(isinstance(c.get("r"), int) and c["r"] > 0, "r", "must be a positive integer")
-    need(isinstance(c.get("lora_alpha"), (int, float)), "lora_alpha", "must be a number")
-    need(isinstance(c.get("target_modules"), list), "target_modules", "must be a list of module names")
-    unknown = [n for n in c["target_modules"] if n not in HF_TO_META]
-    need(not unknown, "target_modules", f"has unknown names {unknown}; known: {list(HF_TO_META)}")
-    need(c.get("bias", "none") == "none", "bias", "is not supported (only 'none')")
-    # PEFT features that would change the math below: refuse rather than silently compute something else
-    for field in ("use_dora", "use_rslora", "fan_in_fan_out", "modules_to_save", "layers_to_transform",
-                  "rank_pattern", "alpha_pattern"):
-        need(not c.get(field), field, "is not supported here")
+    for field, value in c.items():
+        if field not in PEFT_PLAIN and value:  # null, false, 0 and empty are "unset"
+            refuse(path, field, value, "is not plain LoRA, W + (lora_alpha / r) B A, the one kind that loads here")
+        allowed = PEFT_PLAIN.get(field)
+        if allowed and not any(value == a and type(value) is type(a) for a in allowed):
+            refuse(path, field, value, f"is not supported (supported: {', '.join(map(json.dumps, allowed))})")
+    if c.get("peft_type") != "LORA":
+        refuse(path, "peft_type", c.get("peft_type"), 'is not supported (supported: "LORA")')
+    if not (type(c.get("r")) is int and c["r"] > 0):
+        refuse(path, "r", c.get("r"), "must be a positive integer")
+    if type(c.get("lora_alpha")) not in (int, float):
+        refuse(path, "lora_alpha", c.get("lora_alpha"), "must be a number")
+    if not isinstance(c.get("target_modules"), list) or any(n not in HF_TO_META for n in c["target_modules"]):
+        refuse(path, "target_modules", c.get("target_modules"), f"must be a list of {', '.join(HF_TO_META)}")
     return c
 
 

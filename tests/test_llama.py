@@ -253,6 +253,13 @@ def test_rope_scaling_matches_reference(tmp_path, case):
 
 # Layouts that are refused, one line naming the file and the field (or tensor kind): case -> (file, edit, message
 # fragment). JSON edits are merged in; a .safetensors edit adds zero tensors of these shapes; bytes replace the file.
+PEFT_VARIANTS = {"alora_invocation_tokens": [32, 7], "use_bdlora": True, "kasa_config": {"r": 4},
+                 "velora_config": {"rank": 2}, "monteclora_config": {"n": 2}, "arrow_config": {"top_k": 2},
+                 "layer_replication": [[0, 2], [1, 2]], "target_parameters": ["mlp.experts.gate_up_proj"],
+                 "use_qalora": True, "exclude_modules": ["k_proj"], "lora_bias": True, "trainable_token_indices": [5],
+                 "use_dora": True, "use_rslora": True, "modules_to_save": ["lm_head"], "rank_pattern": {"q_proj": 4},
+                 "alpha_pattern": {"q_proj": 4}, "layers_to_transform": [0], "init_lora_weights": "pissa",
+                 "fan_in_fan_out": True, "bias": "lora_only", "peft_type": "LOHA"}
 REFUSED = {
     **{t: ("config.json", {"model_type": t}, f'model_type = "{t}" is not supported (supported: llama, mistral)')
        for t in ("gemma", "granite", "smollm3", "qwen2")},
@@ -288,6 +295,7 @@ REFUSED = {
                     "the 2 shards of tok_embeddings.weight have shapes [(256, 32), (255, 32)]"),
     "tiktoken": ("tokenizer.model", b"IQ== 0\nIg== 1\nIw== 2\n", "is tiktoken BPE text"),
     "garbage_tokenizer": ("tokenizer.model", bytes(range(256)), "cannot be parsed; expected a sentencepiece model"),
+    **{f"peft_{k}": ("adapter_config.json", {k: v}, f"{k} = {json.dumps(v)} is not") for k, v in PEFT_VARIANTS.items()},
 }
 
 
