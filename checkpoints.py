@@ -533,12 +533,16 @@ def load_reward_model(path, device="cpu", dtype=torch.float32, backbone_path=Non
     """An AlpacaFarm reward checkpoint or one written by save_reward_model.
 
     The LLaMA shape comes from config.json itself (our files carry the LLaMA fields alongside), else from
-    the backbone's config.json: backbone_path, or AlpacaFarm's backbone_model_name_or_path field.
+    the backbone's config.json: backbone_path, or AlpacaFarm's backbone_model_name_or_path field. config.json's
+    score_eos says whether the model was trained on sequences ending in EOS; AlpacaFarm's files lack it and
+    were not (its rollout scores the response text re-tokenized without special tokens), so it defaults to false.
     """
     file = os.path.join(path, "config.json")
     c = read_json(file)
     if c.get("model_type") != "reward_model":
         refuse(file, "model_type", c.get("model_type"), 'is not a reward model (expected "reward_model")')
+    if type(c.get("score_eos", False)) is not bool:
+        refuse(file, "score_eos", c["score_eos"], "must be true or false")
     if "hidden_size" in c and backbone_path is None:
         cfg = read_config(path, ("reward_model",), ("RewardModel",))
     else:
@@ -561,12 +565,14 @@ def load_reward_model(path, device="cpu", dtype=torch.float32, backbone_path=Non
         with torch.no_grad():
             param.copy_(head[key])
     refuse_unused(path, [k for k in unused if not k.startswith("reward_head.")], "a reward model")
+    model.score_eos = c.get("score_eos", False)
     return model
 
 
-def save_reward_model(rm, path, backbone_model_name_or_path=None):
+def save_reward_model(rm, path, backbone_model_name_or_path=None, score_eos=None):
     """AlpacaFarm's layout, with the LLaMA fields in config.json so the file is self-contained. LoRA adapters
-    (if the backbone has them) are folded into the saved weights, W + (alpha/rank) B A; rm is not changed."""
+    (if the backbone has them) are folded into the saved weights, W + (alpha/rank) B A; rm is not changed.
+    score_eos: whether rm was trained on sequences ending in EOS (default: rm.score_eos, true for a new model)."""
     tensors = {n: p for n, p in rm.backbone.state_dict().items() if ".lora_" not in n}
     for i, t, m in lora.lora_layers(rm.backbone):
         if not m.merged:
@@ -578,7 +584,8 @@ def save_reward_model(rm, path, backbone_model_name_or_path=None):
     save_safetensors(os.path.join(path, "model.safetensors"), tensors)
     write_json(os.path.join(path, "config.json"), {
         "architectures": ["RewardModel"], "model_type": "reward_model",
-        "backbone_model_name_or_path": backbone_model_name_or_path, **llama_config_fields(rm.backbone.cfg)})
+        "backbone_model_name_or_path": backbone_model_name_or_path, **llama_config_fields(rm.backbone.cfg),
+        "score_eos": rm.score_eos if score_eos is None else score_eos})
 
 
 # -----------------------------------------------------------------------------

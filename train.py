@@ -245,7 +245,7 @@ def evaluate(policy, ref, reward_model, tokenizer, records, args, dev):
                                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         full, full_mask = torch.cat([tokens, out], 1), torch.cat([mask, out_mask], 1)
         _, _, true_kl, _ = ppo.policy_and_reference(policy, ref, full, full_mask, out, out_mask, tokens.shape[1], 1.0)
-        score.append(ppo.reward_score(reward_model, full, full_mask).cpu())
+        score.append(ppo.reward_score(reward_model, full, full_mask, tokenizer.eos_id).cpu())
         kl.append((true_kl * out_mask).sum(1).cpu())
         length.append(out_mask.sum(1).float().cpu())
         texts += [tokenizer.decode([t for t, m in zip(o, om) if m]).strip() for o, om in zip(out.tolist(), out_mask.tolist())]

@@ -295,6 +295,7 @@ REFUSED = {
                     "the 2 shards of tok_embeddings.weight have shapes [(256, 32), (255, 32)]"),
     "tiktoken": ("tokenizer.model", b"IQ== 0\nIg== 1\nIw== 2\n", "is tiktoken BPE text"),
     "garbage_tokenizer": ("tokenizer.model", bytes(range(256)), "cannot be parsed; expected a sentencepiece model"),
+    "reward_score_eos": ("reward/config.json", {"score_eos": "yes"}, 'score_eos = "yes" must be true or false'),
     **{f"peft_{k}": ("adapter_config.json", {k: v}, f"{k} = {json.dumps(v)} is not") for k, v in PEFT_VARIANTS.items()},
 }
 
