@@ -230,6 +230,20 @@ def test_bad_input_is_one_line_on_the_command_line(setup, tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: unknown divergence"), r.stderr
 
 
+def test_lr_schedule_decays_over_the_papers_horizon():
+    import train
+    paper = train.lr_schedule(train.Args())
+    assert [paper(s) for s in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    # then linear to 0 at step 780 (10 epochs x ~20k prompts / 256), as the paper's fork: 0.88 lr at step 100,
+    # a mean of 0.94 lr over steps 6-100 (decaying to 0 at step 100 would give 0.51)
+    assert paper(99) == pytest.approx((780 - 99) / 775) and round(paper(99), 2) == 0.88
+    assert sum(paper(s) for s in range(5, 100)) / 95 == pytest.approx(0.939, abs=1e-3)
+    world = train.lr_schedule(train.WORLD)  # the small world still decays to 0 at --steps
+    assert [world(s) for s in range(30)] == [min((s + 1) / 5, max(0.0, (30 - s) / 25)) for s in range(30)]
+    with pytest.raises(ValueError, match="--decay-steps must be at least --steps 1000"):
+        train.parse_args(["--policy", "p", "--reward", "r", "--prompts", "x", "--steps", "1000"])
+
+
 class RunsCode:
     """Unpickling this creates a directory: a loader must refuse it before that happens."""
     def __init__(self, marker):
