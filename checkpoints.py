@@ -21,6 +21,7 @@ old file or the new one, never half of one.
 import glob
 import json
 import os
+import pickle
 import re
 import tempfile
 
@@ -115,9 +116,111 @@ def meta_to_hf_rotary(w, n_heads):
 
 
 # -----------------------------------------------------------------------------
-# LLaMA: config.json (Hugging Face) or params.json (Meta)
+# LLaMA: config.json (Hugging Face) or params.json (Meta). What is not LLaMA's math is refused by name.
 
-def read_config(path):
+HF_TYPES, HF_CLASSES = ("llama", "mistral"), ("LlamaForCausalLM", "MistralForCausalLM")  # Mistral: no sliding window
+# the params.json fields of Meta's LLaMA 1 to 3.2 code; anything else set (vision, MoE, quantization) is refused
+META_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+               "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "max_batch_size")
+# the rotary types implemented (llama.rotary_frequencies) and the fields each needs
+ROPE_FIELDS = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}  # what Meta's params.json "use_scaled_rope": true means
+
+
+def refuse(file, field, value, why):
+    raise ValueError(f"{file}: {field} = {json.dumps(value)} {why}")
+
+
+def check_numbers(c, file, ints, floats=()):
+    # present fields must be positive integers / positive finite numbers (JSON true is not a number)
+    for n in ints:
+        if c.get(n) is not None and not (type(c[n]) is int and c[n] > 0):
+            refuse(file, n, c[n], "must be a positive integer")
+    for n in floats:
+        if c.get(n) is not None and not (type(c[n]) in (int, float) and 0 < c[n] < float("inf")):
+            refuse(file, n, c[n], "must be a positive number")
+
+
+def hf_rope(c, file):
+    """(rope_theta, rope_scaling) of a config.json: transformers >= 5 writes rope_parameters {"rope_theta",
+    "rope_type", ...}; 4.x a top-level rope_theta and rope_scaling {"type" or "rope_type", "factor", ...}."""
+    field = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+    p = c.get(field) or {}
+    if not isinstance(p, dict):
+        refuse(file, field, p, "must be an object")
+    theta = p.get("rope_theta", c.get("rope_theta", 10000.0))
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind not in ROPE_FIELDS:
+        refuse(file, f"{field}.{'rope_type' if 'rope_type' in p else 'type'}", kind,
+               f"is not supported (supported: {', '.join(ROPE_FIELDS)})")
+    missing = [k for k in ROPE_FIELDS[kind] if k not in p]
+    if missing:
+        refuse(file, field, p, f"lacks {', '.join(missing)}, which rope_type {kind!r} needs")
+    check_numbers({"rope_theta": theta, **{f"{field}.{k}": p[k] for k in ROPE_FIELDS[kind]}}, file, (),
+                  ["rope_theta"] + [f"{field}.{k}" for k in ROPE_FIELDS[kind]])
+    if kind == "llama3" and p["high_freq_factor"] <= p["low_freq_factor"]:
+        refuse(file, f"{field}.high_freq_factor", p["high_freq_factor"], "must exceed low_freq_factor")
+    partial = p.get("partial_rotary_factor", c.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        refuse(file, "partial_rotary_factor", partial, "is not supported (LLaMA rotates the whole head)")
+    return theta, (None if kind == "default" else {"rope_type": kind, **{k: p[k] for k in ROPE_FIELDS[kind]}})
+
+
+def hf_llama_config(c, file, types=HF_TYPES, classes=HF_CLASSES):
+    """A LlamaConfig from a parsed Hugging Face config.json."""
+    if c.get("model_type", "llama") not in types:
+        refuse(file, "model_type", c["model_type"], f"is not supported (supported: {', '.join(types)})")
+    if any(a not in classes for a in c.get("architectures") or []):
+        refuse(file, "architectures", c["architectures"], f"is not supported (supported: {', '.join(classes)})")
+    check_numbers(c, file, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "num_key_value_heads", "vocab_size", "max_position_embeddings"), ("rms_norm_eps",))
+    dim, heads = c["hidden_size"], c["num_attention_heads"]
+    for field, ok, why in (("hidden_act", c.get("hidden_act", "silu") == "silu", "is not supported (SwiGLU: silu)"),
+                           ("head_dim", c.get("head_dim") in (None, dim // heads),
+                            f"differs from hidden_size / num_attention_heads = {dim // heads}, which is not LLaMA"),
+                           ("attention_bias", not c.get("attention_bias"), "is not supported (LLaMA has no biases)"),
+                           ("mlp_bias", not c.get("mlp_bias"), "is not supported (LLaMA has no biases)"),
+                           ("sliding_window", c.get("sliding_window") is None,
+                            "is not supported (every token attends to the whole context)"),
+                           ("quantization_config", not c.get("quantization_config"), "is not supported (quantized "
+                            "weights); use the full-precision checkpoint")):
+        if not ok:
+            refuse(file, field, c[field], why)
+    theta, scaling = hf_rope(c, file)
+    return LlamaConfig(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads,
+                       n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
+                       hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                       rope_scaling=scaling, max_seq_len=c.get("max_position_embeddings", 2048))
+
+
+def meta_llama_config(c, file, path):
+    """A LlamaConfig from a parsed Meta params.json."""
+    for field in c:
+        if field not in META_FIELDS and c[field] not in (None, False, "", [], {}):
+            refuse(file, field, c[field], f"is not supported (params.json fields read: {', '.join(META_FIELDS)})")
+    check_numbers(c, file, ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"),
+                  ("ffn_dim_multiplier", "norm_eps", "rope_theta"))
+    hidden = int(2 * 4 * c["dim"] / 3)  # Meta's FFN width rule
+    if c.get("ffn_dim_multiplier") is not None:
+        hidden = int(c["ffn_dim_multiplier"] * hidden)
+    hidden = c["multiple_of"] * ((hidden + c["multiple_of"] - 1) // c["multiple_of"])
+    vocab = c.get("vocab_size", -1)
+    if vocab == -1:  # "from the tokenizer", which sits beside the weights or one level up
+        tok = [p for p in (os.path.join(path, "tokenizer.model"), os.path.join(path, "..", "tokenizer.model"))
+               if os.path.exists(p)]
+        if not tok:
+            raise ValueError(f"{file}: vocab_size is -1 and no tokenizer.model was found to count it")
+        vocab = Tokenizer(tok[0]).n_words
+    check_numbers({"vocab_size": vocab}, file, ("vocab_size",))
+    return LlamaConfig(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], n_kv_heads=c.get("n_kv_heads"),
+                       vocab_size=vocab, hidden_dim=hidden, norm_eps=c.get("norm_eps", 1e-6),
+                       rope_theta=c.get("rope_theta", 10000.0), rope_scaling=LLAMA31_ROPE if c.get("use_scaled_rope")
+                       else None, max_seq_len=c.get("max_seq_len", 2048))
+
+
+def read_config(path, types=HF_TYPES, classes=HF_CLASSES):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     hf, meta = os.path.join(path, "config.json"), os.path.join(path, "params.json")
@@ -125,37 +228,26 @@ def read_config(path):
     if file is None:
         raise FileNotFoundError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
     c = read_json(file)
+    names = ("hidden_size", "num_attention_heads", "num_key_value_heads") if file == hf else \
+        ("dim", "n_heads", "n_kv_heads")
     try:
-        if file == hf:
-            return LlamaConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                               n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
-                               hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-                               rope_theta=c.get("rope_theta", 10000.0),
-                               max_seq_len=c.get("max_position_embeddings", 2048))
-        hidden = int(2 * 4 * c["dim"] / 3)  # Meta's FFN width rule
-        if c.get("ffn_dim_multiplier") is not None:
-            hidden = int(c["ffn_dim_multiplier"] * hidden)
-        hidden = c["multiple_of"] * ((hidden + c["multiple_of"] - 1) // c["multiple_of"])
-        vocab = c.get("vocab_size", -1)
-        if vocab <= 0:  # -1: "from the tokenizer", which sits beside the weights or one level up
-            tok = [p for p in (os.path.join(path, "tokenizer.model"), os.path.join(path, "..", "tokenizer.model"))
-                   if os.path.exists(p)]
-            if not tok:
-                raise ValueError(f"{meta}: vocab_size is {vocab} and no tokenizer.model was found to count it")
-            vocab = Tokenizer(tok[0]).n_words
-        return LlamaConfig(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], n_kv_heads=c.get("n_kv_heads"),
-                           vocab_size=vocab, hidden_dim=hidden, norm_eps=c.get("norm_eps", 1e-6),
-                           rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_seq_len", 2048))
+        cfg = hf_llama_config(c, file, types, classes) if file == hf else meta_llama_config(c, file, path)
     except KeyError as e:
         raise ValueError(f"{file}: missing field {e}") from None
+    if cfg.dim % cfg.n_heads or cfg.dim // cfg.n_heads % 2:  # heads split dim evenly; rotary turns pairs
+        refuse(file, names[1], cfg.n_heads, f"must divide {names[0]} = {cfg.dim} into heads of even size")
+    if cfg.n_heads % (cfg.n_kv_heads or cfg.n_heads):
+        refuse(file, names[2], cfg.n_kv_heads, f"must divide {names[1]} = {cfg.n_heads}")
+    return cfg
 
 
 def llama_config_fields(cfg):
-    """A LlamaConfig in Hugging Face config.json names."""
+    """A LlamaConfig in Hugging Face config.json names (rope_scaling in the form transformers 4.x and 5 read)."""
     return {"hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
             "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
             "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.max_seq_len}
+            "max_position_embeddings": cfg.max_seq_len,
+            **({"rope_scaling": cfg.rope_scaling} if cfg.rope_scaling else {})}
 
 
 # -----------------------------------------------------------------------------
@@ -169,43 +261,84 @@ def weight_files(path):
     raise FileNotFoundError(f"{path}: no weights (*.safetensors, pytorch_model*.bin or consolidated.*.pth)")
 
 
-def load_pt(file):
-    # weights_only: a pickle that would run code is refused, not executed
+def open_safetensors(file):
+    from safetensors import SafetensorError, safe_open
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e}); truncated or corrupt?") from None
 
 
-# Meta shards a model-parallel checkpoint along these dimensions (norms are replicated)
-META_SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0, "output": 0}
+def load_pt(file):
+    """A PyTorch state dict, read with weights_only: a pickle that would run code is refused, not executed."""
+    try:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as e:
+        if str(e).startswith("Weights only load failed"):
+            raise ValueError(f"{file}: refused: it holds Python objects besides tensors, which could run code when "
+                             f"unpickled; expected a state dict of tensors") from None
+        raise ValueError(f"{file}: not a readable PyTorch file ({type(e).__name__}); truncated or corrupt?") from None
+    if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        raise ValueError(f"{file}: not a state dict of tensors")
+    return sd
 
 
-def iter_tensors(path):
-    """(name, tensor) over all weight files of a checkpoint directory, one tensor in memory at a time."""
+def join_shards(name, parts, shape, file):
+    """One tensor from Meta's model-parallel shards: replicated (norms), or split along the one dimension whose
+    sizes add up to the model's (LLaMA-3 splits tok_embeddings by vocabulary, LLaMA-1/2 by model width)."""
+    if shape is None or tuple(parts[0].shape) == tuple(shape):
+        return parts[0]
+    dims = [d for d in range(len(shape)) if all(p.dim() == len(shape) for p in parts) and
+            sum(p.shape[d] for p in parts) == shape[d] and
+            all(p.shape[:d] + p.shape[d + 1:] == shape[:d] + shape[d + 1:] for p in parts)]
+    if len(dims) != 1:
+        raise ValueError(f"{file}: the {len(parts)} shards of {name} have shapes {[tuple(p.shape) for p in parts]}, "
+                         f"which do not join into {tuple(shape)} (check params.json)")
+    return torch.cat(parts, dim=dims[0])
+
+
+def iter_tensors(path, shapes=None):
+    """(name, tensor) over all weight files of a checkpoint directory, one tensor in memory at a time. shapes: the
+    model's tensor shapes by checkpoint name, to join Meta's model-parallel shards."""
     files = weight_files(path)
+    index = os.path.join(path, {".safetensors": "model.safetensors.index.json",
+                                ".bin": "pytorch_model.bin.index.json"}.get(os.path.splitext(files[0])[1], ""))
+    if os.path.isfile(index):  # a sharded checkpoint must have all its shards
+        missing = set(read_json(index).get("weight_map", {}).values()) - {os.path.basename(f) for f in files}
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(sorted(missing))}")
     if files[0].endswith(".safetensors"):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):  # a sharded checkpoint must have all its shards
-            missing = set(read_json(index)["weight_map"].values()) - {os.path.basename(f) for f in files}
-            if missing:
-                raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(sorted(missing))}")
-        from safetensors import safe_open
         for file in files:
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
     elif files[0].endswith(".bin"):
         for file in files:
             yield from load_pt(file).items()
-    else:  # Meta: model-parallel shards are concatenated back, key by key
+    else:  # Meta: model-parallel shards are joined back, key by key
         shards = [load_pt(f) for f in files]
         for name in shards[0]:
-            dim = META_SHARD_DIM.get(name.split(".")[-2])
-            if len(shards) == 1 or dim is None:
-                yield name, shards[0][name]
-            else:
-                yield name, torch.cat([s[name] for s in shards], dim=dim)
+            yield name, join_shards(name, [s[name] for s in shards], (shapes or {}).get(name),
+                                    os.path.join(path, "consolidated.*.pth"))
+
+
+# tensors that LLaMA lacks and look-alike architectures have: named by what they are
+FOREIGN = ((r"_proj\.bias$", "biases on linear layers (attention_bias / mlp_bias, or Qwen2-style q, k, v biases)"),
+           (r"\.[qk]_norm\.", "q/k norms (Qwen3-style)"))
+
+
+def refuse_unused(path, unused, what="the model"):
+    for pattern, kind in FOREIGN:
+        hits = [k for k in unused if re.search(pattern, k)]
+        if hits:
+            raise ValueError(f"{path}: checkpoint has {kind}, e.g. {hits[0]}; LLaMA has none (not supported)")
+    if unused:
+        raise ValueError(f"{path}: checkpoint has tensors {what} does not use: {', '.join(unused[:5])}")
 
 
 def load_weights(model, path, prefix=""):
@@ -215,7 +348,7 @@ def load_weights(model, path, prefix=""):
     meta_layout = not os.path.exists(os.path.join(path, "config.json"))
     params = dict(model.named_parameters())
     cfg, filled, unused = model.cfg, set(), []
-    for key, tensor in iter_tensors(path):
+    for key, tensor in iter_tensors(path, {n: p.shape for n, p in params.items()} if meta_layout else None):
         if key.endswith(DERIVED):
             continue
         if meta_layout:
@@ -256,9 +389,7 @@ def empty_model(cls, cfg, device, dtype):
 
 def load_llama(path, device="cpu", dtype=torch.float32):
     model = empty_model(Llama, read_config(path), device, dtype)
-    unused = load_weights(model, path)
-    if unused:
-        raise ValueError(f"{path}: checkpoint has tensors the model does not use: {', '.join(unused[:5])}")
+    refuse_unused(path, load_weights(model, path))
     return model
 
 
@@ -308,31 +439,40 @@ def save_adapter(model, dir, base_model_name_or_path=None):
     write_json(os.path.join(dir, "adapter_config.json"), config)
 
 
+# adapter_config.json fields that mean plain LoRA, W + (lora_alpha / r) B A on the named modules, with the values
+# that keep that meaning (None: any). Any other field that is set (not null, false, empty) is refused by name: PEFT
+# keeps adding variants (DoRA, rsLoRA, activated LoRA, ...) that reuse LoRA's keys but compute something else.
+PEFT_PLAIN = {"peft_type": ("LORA",), "r": None, "lora_alpha": None, "lora_dropout": None, "target_modules": None,
+              "bias": ("none",), "fan_in_fan_out": (False,), "init_lora_weights": (True, False, "gaussian"),
+              "task_type": None, "base_model_name_or_path": None, "revision": None, "inference_mode": None,
+              "auto_mapping": None, "peft_version": None, "layers_pattern": None, "megatron_core": None,
+              "qalora_group_size": None, "runtime_config": None}
+
+
 def read_adapter_config(path):
     c = read_json(path)
-
-    def need(ok, field, why):
-        if not ok:
-            raise ValueError(f"{path}: field {field!r} = {c.get(field)!r} {why}")
-    need(c.get("peft_type") == "LORA", "peft_type", "is not 'LORA'")
-    need(isinstance(c.get("r"), int) and c["r"] > 0, "r", "must be a positive integer")
-    need(isinstance(c.get("lora_alpha"), (int, float)), "lora_alpha", "must be a number")
-    need(isinstance(c.get("target_modules"), list), "target_modules", "must be a list of module names")
-    unknown = [n for n in c["target_modules"] if n not in HF_TO_META]
-    need(not unknown, "target_modules", f"has unknown names {unknown}; known: {list(HF_TO_META)}")
-    need(c.get("bias", "none") == "none", "bias", "is not supported (only 'none')")
-    # PEFT features that would change the math below: refuse rather than silently compute something else
-    for field in ("use_dora", "use_rslora", "fan_in_fan_out", "modules_to_save", "layers_to_transform",
-                  "rank_pattern", "alpha_pattern"):
-        need(not c.get(field), field, "is not supported here")
+    for field, value in c.items():
+        if field not in PEFT_PLAIN and value:  # null, false, 0 and empty are "unset"
+            refuse(path, field, value, "is not plain LoRA, W + (lora_alpha / r) B A, the one kind that loads here")
+        allowed = PEFT_PLAIN.get(field)
+        if allowed and not any(value == a and type(value) is type(a) for a in allowed):
+            refuse(path, field, value, f"is not supported (supported: {', '.join(map(json.dumps, allowed))})")
+    if c.get("peft_type") != "LORA":
+        refuse(path, "peft_type", c.get("peft_type"), 'is not supported (supported: "LORA")')
+    if not (type(c.get("r")) is int and c["r"] > 0):
+        refuse(path, "r", c.get("r"), "must be a positive integer")
+    if type(c.get("lora_alpha")) not in (int, float):
+        refuse(path, "lora_alpha", c.get("lora_alpha"), "must be a number")
+    if not isinstance(c.get("target_modules"), list) or any(n not in HF_TO_META for n in c["target_modules"]):
+        refuse(path, "target_modules", c.get("target_modules"), f"must be a list of {', '.join(HF_TO_META)}")
     return c
 
 
 def read_adapter_weights(dir):
     st, bin_ = os.path.join(dir, "adapter_model.safetensors"), os.path.join(dir, "adapter_model.bin")
     if os.path.isfile(st):
-        from safetensors.torch import load_file
-        path, sd = st, load_file(st)
+        with open_safetensors(st) as f:
+            path, sd = st, {k: f.get_tensor(k) for k in f.keys()}
     elif os.path.isfile(bin_):
         path, sd = bin_, load_pt(bin_)
     else:
@@ -393,13 +533,18 @@ def load_reward_model(path, device="cpu", dtype=torch.float32, backbone_path=Non
     """An AlpacaFarm reward checkpoint or one written by save_reward_model.
 
     The LLaMA shape comes from config.json itself (our files carry the LLaMA fields alongside), else from
-    the backbone's config.json: backbone_path, or AlpacaFarm's backbone_model_name_or_path field.
+    the backbone's config.json: backbone_path, or AlpacaFarm's backbone_model_name_or_path field. config.json's
+    score_eos says whether the model was trained on sequences ending in EOS; AlpacaFarm's files lack it and
+    were not (its rollout scores the response text re-tokenized without special tokens), so it defaults to false.
     """
-    c = read_json(os.path.join(path, "config.json"))
+    file = os.path.join(path, "config.json")
+    c = read_json(file)
     if c.get("model_type") != "reward_model":
-        raise ValueError(f"{path}/config.json: model_type is {c.get('model_type')!r}, expected 'reward_model'")
+        refuse(file, "model_type", c.get("model_type"), 'is not a reward model (expected "reward_model")')
+    if type(c.get("score_eos", False)) is not bool:
+        refuse(file, "score_eos", c["score_eos"], "must be true or false")
     if "hidden_size" in c and backbone_path is None:
-        cfg = read_config(path)
+        cfg = read_config(path, ("reward_model",), ("RewardModel",))
     else:
         backbone_path = backbone_path or c.get("backbone_model_name_or_path")
         if not backbone_path or not os.path.isfile(os.path.join(backbone_path, "config.json")):
@@ -419,15 +564,15 @@ def load_reward_model(path, device="cpu", dtype=torch.float32, backbone_path=Non
             raise ValueError(f"{path}: {key} has shape {tuple(head[key].shape)}, expected {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(head[key])
-    other = [k for k in unused if not k.startswith("reward_head.")]
-    if other:
-        raise ValueError(f"{path}: checkpoint has tensors a reward model does not use: {', '.join(other[:5])}")
+    refuse_unused(path, [k for k in unused if not k.startswith("reward_head.")], "a reward model")
+    model.score_eos = c.get("score_eos", False)
     return model
 
 
-def save_reward_model(rm, path, backbone_model_name_or_path=None):
+def save_reward_model(rm, path, backbone_model_name_or_path=None, score_eos=None):
     """AlpacaFarm's layout, with the LLaMA fields in config.json so the file is self-contained. LoRA adapters
-    (if the backbone has them) are folded into the saved weights, W + (alpha/rank) B A; rm is not changed."""
+    (if the backbone has them) are folded into the saved weights, W + (alpha/rank) B A; rm is not changed.
+    score_eos: whether rm was trained on sequences ending in EOS (default: rm.score_eos, true for a new model)."""
     tensors = {n: p for n, p in rm.backbone.state_dict().items() if ".lora_" not in n}
     for i, t, m in lora.lora_layers(rm.backbone):
         if not m.merged:
@@ -439,7 +584,8 @@ def save_reward_model(rm, path, backbone_model_name_or_path=None):
     save_safetensors(os.path.join(path, "model.safetensors"), tensors)
     write_json(os.path.join(path, "config.json"), {
         "architectures": ["RewardModel"], "model_type": "reward_model",
-        "backbone_model_name_or_path": backbone_model_name_or_path, **llama_config_fields(rm.backbone.cfg)})
+        "backbone_model_name_or_path": backbone_model_name_or_path, **llama_config_fields(rm.backbone.cfg),
+        "score_eos": rm.score_eos if score_eos is None else score_eos})
 
 
 # -----------------------------------------------------------------------------

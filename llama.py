@@ -16,7 +16,9 @@ batched sampler (KV cache, temperature, top-p, EOS) shared by sample.py and the 
     out, out_mask = generate(model, tokens, mask, max_new_tokens=32, temperature=1.0, eos_id=2)
     (checkpoints.load_llama("path/to/llama-7b-hf", device="cuda", dtype=torch.bfloat16) reads real weights)
 """
+import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,7 @@ class LlamaConfig:
     hidden_dim: int = 11008  # SwiGLU width
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None = plain rotary; else Hugging Face's rope_scaling (see rotary_frequencies)
     max_seq_len: int = 2048  # the context a prompt plus its response must fit in
 
 
@@ -71,13 +74,37 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rotary(positions, head_dim, theta):
+def rotary_frequencies(head_dim, theta, scaling=None, device=None):
+    """The angle per position of each rotated pair, theta_i = theta^(-2i/head_dim), i < head_dim/2 (RoFormer),
+    in fp32; `scaling` (Hugging Face's rope_scaling names) stretches them for a longer context:
+        linear  theta_i / factor: positions read as t / factor (position interpolation, Chen et al. 2023,
+                arXiv 2306.15595)
+        llama3  by wavelength 2 pi / theta_i against L = original_max_position_embeddings: shorter than
+                L / high_freq_factor kept, longer than L / low_freq_factor divided by factor, in between blended
+                with s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor):
+                (1 - s) theta_i / factor + s theta_i (LLaMA 3.1; Meta's apply_scaling in llama-models)
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)  # (head_dim/2,)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelength = 2 * math.pi / inv_freq
+        s = ((scaling["original_max_position_embeddings"] / wavelength - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - s) * inv_freq / scaling["factor"] + s * inv_freq
+    else:
+        assert kind == "default", f"rope_type {kind!r} is not implemented (default, linear, llama3)"
+    return inv_freq
+
+
+def rotary(positions, head_dim, theta, scaling=None):
     """cos and sin tables (B, T, head_dim) for integer positions (B, T), in fp32.
 
     Hugging Face order: the rotated pairs are (i, i + head_dim/2), not Meta's interleaved (2i, 2i+1); the
     loader permutes Meta's wq/wk rows so both layouts give the same logits (Su et al. 2021, RoFormer, Eq. 34).
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    inv_freq = rotary_frequencies(head_dim, theta, scaling, positions.device)
     angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, head_dim)
     return angles.cos(), angles.sin()
@@ -196,7 +223,7 @@ class Llama(nn.Module):
             attn_mask = (j <= i)[None, None]  # (1, 1, T, S)
             if mask is not None:
                 attn_mask = (attn_mask & mask.bool()[:, None, None, :]) | (j == i)[None, None]  # (B, 1, T, S)
-        cos, sin = rotary(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        cos, sin = rotary(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, self.cfg.rope_scaling)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer, block in enumerate(self.layers):
             h = block(h, cos, sin, attn_mask, cache, layer)
@@ -286,7 +313,15 @@ class Tokenizer:
         if not os.path.exists(model_path):
             raise FileNotFoundError(f"tokenizer {model_path} does not exist")
         import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except RuntimeError:  # sentencepiece's "could not parse ModelProto": say what the file is instead
+            with open(model_path, "rb") as f:
+                head = f.read(256)
+            what = ("is tiktoken BPE text (lines of 'base64-token rank': LLaMA-3's tokenizer)"
+                    if re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head) else "cannot be parsed")
+            raise ValueError(f"{model_path} {what}; expected a sentencepiece model (the tokenizer.model of "
+                             f"LLaMA-1/2 and AlpacaFarm)") from None
         self.n_words = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0  # LLaMA has none; masks make any id safe

@@ -214,10 +214,16 @@ def state_values(value_model, tokens, full_mask, P):
     return value_model.values(tokens.to(vdev), full_mask.to(vdev))[:, P - 1:-1].float().to(tokens.device)
 
 
-def reward_score(reward_model, tokens, full_mask):
-    """1d. the reward-model score r(x, y) (b,), fp32, at the last real token (positions from the mask). With one
+def reward_score(reward_model, tokens, full_mask, eos_id=None):
+    """1d. the reward-model score r(x, y) (b,), fp32, at the last real token (positions from the mask). A reward
+    model trained without EOS (score_eos false: AlpacaFarm's, whose rollout re-tokenizes the response text without
+    special tokens) reads the sequence without its final EOS, so its score is read at the token before. With one
     device the value model is built on the reward model's own backbone: lora_disabled turns its adapters off
     for the score (and does nothing to a reward model without adapters)."""
+    if eos_id is not None and not getattr(reward_model, "score_eos", True):
+        last = llama.last_index(full_mask)                                                          # (b,)
+        ends_in_eos = tokens.gather(1, last[:, None]).squeeze(1) == eos_id
+        full_mask = full_mask.masked_fill(F.one_hot(last, tokens.shape[1]).bool() & ends_in_eos[:, None], 0)
     rdev = device_of(reward_model)
     with lora.lora_disabled(reward_model):
         return reward_model(tokens.to(rdev), full_mask.to(rdev)).float().to(tokens.device)
@@ -246,7 +252,7 @@ def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, respo
         parts.append((*policy_and_reference(policy, ref_model, tokens[s], full_mask[s], responses[s], mask[s], P,
                                             cfg.temperature),                                # 1b.
                       state_values(value_model, tokens[s], full_mask[s], P),                # 1c.
-                      reward_score(reward_model, tokens[s], full_mask[s])))                 # 1d.
+                      reward_score(reward_model, tokens[s], full_mask[s], eos_id)))         # 1d.
     logprobs, ref_logprobs, true_kl, entropy, values, score = (torch.cat(x) for x in zip(*parts))
     raw_score, fmask = score, mask.float()
     has_eos = ((responses == eos_id) & mask.bool()).any(1) if eos_id is not None else torch.zeros_like(score).bool()

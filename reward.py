@@ -31,6 +31,8 @@ class RewardModel(nn.Module):
         self.backbone = llama.Llama(cfg)     # keeps its LM head (unused) so AlpacaFarm files round-trip
         self.reward_head = nn.Linear(cfg.dim, 1)
         nn.init.zeros_(self.reward_head.bias)
+        # trained on sequences ending in EOS (ours) or without it (AlpacaFarm's); ppo.reward_score reads it
+        self.score_eos = True
 
     def forward(self, tokens, mask=None):
         """tokens, mask (B, T) -> score (B,) in fp32."""

@@ -59,7 +59,9 @@ class Args(ppo.PPOConfig):
     lora_alpha: float = knob(64.0, "alpha in Eq. 1 (the LoRA update is scaled by alpha / k)")
     lora_dropout: float = knob(0.1, "dropout on the LoRA path")
     lr: float = knob(1e-5, "AdamW learning rate (betas 0.9, 0.999, eps 1e-5, no weight decay)")
-    warmup_steps: int = knob(5, "linear warm-up from lr/5 over these PPO steps, then linear decay to 0 at --steps")
+    warmup_steps: int = knob(5, "linear warm-up from lr/5 over these PPO steps, then linear decay to 0 at --decay-steps")
+    decay_steps: int | None = knob(780, "the step at which the decayed lr reaches 0: the paper's whole configured "
+                                        "schedule, 10 epochs x ~20k prompts / 256, of which it ran 100 (None: --steps)")
     steps: int = knob(100, "PPO steps")
     rollout_batch_size: int = knob(256, "prompts rolled out per PPO step, over all ranks")
     eval_every: int = knob(20, "evaluate on --eval-prompts every this many steps")
@@ -77,7 +79,7 @@ class Args(ppo.PPOConfig):
 
 # the built-in small world: small batches, a higher learning rate, short responses
 WORLD = dataclasses.replace(Args(), rollout_batch_size=64, step_batch_size=32, micro_batch_size=32, lr=3e-4,
-                            steps=30, max_new_tokens=24, max_prompt_tokens=96, eval_every=10)
+                            steps=30, decay_steps=None, max_new_tokens=24, max_prompt_tokens=96, eval_every=10)
 # a resumed run must be the same experiment: every flag but these must match the checkpoint's
 MAY_CHANGE_ON_RESUME = ("steps", "out", "devices", "resume", "eval_every", "save_every")
 
@@ -123,6 +125,8 @@ def check_args(args, world):
     rules += [(k, lambda v: v >= 1, "at least 1") for k in
               ("lora_rank", "steps", "ppo_epochs", "max_new_tokens", "max_prompt_tokens", "eval_every",
                "save_every", "rollout_batch_size", "step_batch_size", "micro_batch_size", "generate_batch_size")]
+    rules += [("decay_steps", lambda v: v is None or v >= args.steps, f"at least --steps {args.steps} (the lr is 0 "
+                                                                       f"from --decay-steps on)")]
     for name, ok, what in rules:
         if not ok(getattr(args, name)):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
@@ -202,9 +206,10 @@ def load_models(args, devices):
 # ----------------------------------------------------------------------------- the loop's helpers
 
 def lr_schedule(args):
-    # linear warm-up from lr/5 (the first step is not wasted), then linear decay to 0 at --steps
-    return lambda s: min((s + 1) / max(1, args.warmup_steps),
-                         max(0.0, (args.steps - s) / max(1, args.steps - args.warmup_steps)))
+    # linear warm-up from lr/5 (the first step is not wasted), then linear decay to 0 at --decay-steps (the paper's
+    # fork decays over its whole configured schedule: at step 100 of 780 the rate is still 0.88 lr), or at --steps
+    end = args.decay_steps or args.steps
+    return lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (end - s) / max(1, end - args.warmup_steps)))
 
 
 def batch_prompts(prompts, pos, n, seed):
@@ -251,7 +256,7 @@ def evaluate(policy, ref, reward_model, tokenizer, records, args, dev):
                                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         full, full_mask = torch.cat([tokens, out], 1), torch.cat([mask, out_mask], 1)
         _, _, true_kl, _ = ppo.policy_and_reference(policy, ref, full, full_mask, out, out_mask, tokens.shape[1], 1.0)
-        score.append(ppo.reward_score(reward_model, full, full_mask).cpu())
+        score.append(ppo.reward_score(reward_model, full, full_mask, tokenizer.eos_id).cpu())
         kl.append((true_kl * out_mask).sum(1).cpu())
         length.append(out_mask.sum(1).float().cpu())
         texts += [tokenizer.decode([t for t, m in zip(o, om) if m]).strip() for o, om in zip(out.tolist(), out_mask.tolist())]

@@ -330,6 +330,27 @@ def test_peft_adapter_gives_merged_weight_logits(tmp_path):
     assert torch.equal(m2(x), model(x))
 
 
+def test_peft_config_as_peft_writes_it(tmp_path):
+    """PEFT writes every field of its LoraConfig, most of them unset; with plain-LoRA values they load, and so
+    does a field we do not know that is unset (the refusals are in test_llama.test_refused_by_name)."""
+    sd, cfg = peft_adapter(tmp_path / "plain")
+    cfg.update({"alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+                "base_model_name_or_path": "org/tiny", "corda_config": None, "ensure_weight_tying": False,
+                "eva_config": None, "exclude_modules": None, "inference_mode": True, "init_lora_weights": "gaussian",
+                "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+                "lora_bias": False, "megatron_config": None, "megatron_core": "megatron.core", "peft_version": "0.21.0",
+                "qalora_group_size": 16, "rank_pattern": {}, "revision": None, "target_parameters": None,
+                "trainable_token_indices": None, "use_dora": False, "use_qalora": False, "use_rslora": False,
+                "a_future_field": None, "another_future_field": []})
+    os.makedirs(tmp_path / "full")
+    (tmp_path / "full" / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(sd, str(tmp_path / "full" / "adapter_model.safetensors"))
+    x, plain, full = tokens(), tiny(), tiny()
+    load_adapter(plain, str(tmp_path / "plain"))
+    load_adapter(full, str(tmp_path / "full"))
+    assert torch.equal(plain(x), full(x))
+
+
 def test_7b_preset_on_meta_device_counts():
     from reward import ValueModel
     with torch.device("meta"):

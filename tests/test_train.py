@@ -3,6 +3,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -14,6 +15,7 @@ import torch
 
 import checkpoints
 import llama
+import lora
 from reward import RewardModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -397,3 +399,70 @@ def test_bad_input_is_one_line_on_the_command_line(setup, tmp_path):
     r = run(base_args(setup, tmp_path / "o", "--estimator", "kll"))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: unknown divergence"), r.stderr
+
+
+def test_lr_schedule_decays_over_the_papers_horizon():
+    import train
+    paper = train.lr_schedule(train.Args())
+    assert [paper(s) for s in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    # then linear to 0 at step 780 (10 epochs x ~20k prompts / 256), as the paper's fork: 0.88 lr at step 100,
+    # a mean of 0.94 lr over steps 6-100 (decaying to 0 at step 100 would give 0.51)
+    assert paper(99) == pytest.approx((780 - 99) / 775) and round(paper(99), 2) == 0.88
+    assert sum(paper(s) for s in range(5, 100)) / 95 == pytest.approx(0.939, abs=1e-3)
+    world = train.lr_schedule(train.WORLD)  # the small world still decays to 0 at --steps
+    assert [world(s) for s in range(30)] == [min((s + 1) / 5, max(0.0, (30 - s) / 25)) for s in range(30)]
+    with pytest.raises(ValueError, match="--decay-steps must be at least --steps 1000"):
+        train.parse_args(["--policy", "p", "--reward", "r", "--prompts", "x", "--steps", "1000"])
+
+
+class RunsCode:
+    """Unpickling this creates a directory: a loader must refuse it before that happens."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+# bad files end in one line naming the file: case -> (file, how it is spoiled, message fragment)
+SPOILED = {"policy_truncated": ("policy/model.safetensors", "truncate", "not a readable safetensors file"),
+           "policy_empty": ("policy/model.safetensors", "empty", "not a readable safetensors file"),
+           "reward_truncated": ("reward/model.safetensors", "truncate", "not a readable safetensors file"),
+           "policy_pickle": ("policy/pytorch_model.bin", "pickle", "could run code"),
+           "tokenizer_garbage": ("policy/tokenizer.model", "garbage", "expected a sentencepiece model"),
+           "heads_zero": ("policy/config.json", "heads", "num_attention_heads = 0 must be a positive integer"),
+           "adapter_truncated": ("adapter/adapter_model.safetensors", "truncate", "not a readable safetensors file"),
+           "adapter_pickle": ("adapter/adapter_model.bin", "pickle", "could run code")}
+
+
+@pytest.mark.parametrize("case", list(SPOILED))
+def test_bad_files_one_line(setup, tmp_path, capsys, case):
+    import sample
+    import train
+    file, how, fragment = SPOILED[case]
+    for name in ("policy", "reward"):
+        shutil.copytree(setup / name, tmp_path / name)
+    model = llama.Llama(CFG)
+    lora.add_lora(model, rank=2, alpha=4)
+    checkpoints.save_adapter(model, str(tmp_path / "adapter"))
+    path = tmp_path / file
+    if how in ("truncate", "empty"):
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2 if how == "truncate" else 0])
+    elif how == "pickle":
+        os.remove(path.with_name("model.safetensors" if "policy" in file else "adapter_model.safetensors"))
+        torch.save({"x": torch.zeros(2), "y": RunsCode(str(tmp_path / "ran"))}, path)
+    elif how == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "num_attention_heads": 0}))
+    threads = torch.get_num_threads()
+    if file.startswith("adapter"):
+        code = sample.cli(["--checkpoint", str(tmp_path / "policy"), "--adapter", str(tmp_path / "adapter"),
+                           "--prompt", "red", "--max-new-tokens", "2"])
+    else:
+        code = train.cli(base_args(setup, tmp_path / "o", "--policy", str(tmp_path / "policy"),
+                                   "--reward", str(tmp_path / "reward")))
+    torch.set_num_threads(threads)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {path}") and fragment in err[0], err
+    assert not (tmp_path / "ran").exists()
