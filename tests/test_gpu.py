@@ -68,11 +68,11 @@ def test_left_padding_and_kv_cache_on_the_device():
         alone = cpu(torch.tensor([s]))[0]
         assert rel_err(batch[b, -len(s):], alone) < RTOL, b
     # incremental decoding with the cache = one full forward (both bf16 on the device)
-    cache = gpu.new_cache(3, 48)
-    h = gpu.hidden(tokens.to(DEVICE), mask.to(DEVICE), cache)
+    cache, start = gpu.new_cache(3, 48), torch.zeros(1, dtype=torch.long, device=DEVICE)
+    h = gpu.hidden(tokens.to(DEVICE), mask.to(DEVICE), cache, start)
     nxt = torch.randint(0, CFG.vocab_size, (3, 1), device=DEVICE)
     full_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1).to(DEVICE)
-    step = gpu.output(gpu.hidden(nxt, full_mask, cache))[:, -1].float()
+    step = gpu(nxt, None, cache, start + 40)[:, -1]
     full = gpu(torch.cat([tokens.to(DEVICE), nxt], 1), full_mask)[:, -1]
     assert rel_err(step, full) < 0.01 and h.shape == (3, 40, CFG.dim)
 
