@@ -168,10 +168,12 @@ def device_of(model):
 
 def response_logits(model, tokens, mask, P, temperature):
     """Logits (fp32, / temperature) predicting each response token of tokens = prompt (P) + response (N)."""
-    h = model.hidden(tokens, mask)[:, P - 1:-1]                           # (B, N, dim): state before y_t
+    h = model.hidden(tokens, mask)[:, P - 1:-1].float()                   # (B, N, dim): state before y_t
+    # the temperature divides h (dim wide), not the logits (V wide); contiguous, so that the head below is
+    # one matrix product over B * N rows (a strided slice would make it a batched one)
+    h = h / temperature if temperature not in (0, 1) else h.contiguous()
     # the head in fp32 even for bf16 weights: bf16 logits would round each log-prob by ~|logit| * 2^-9
-    logits = F.linear(h.float(), model.output.weight.float())             # (B, N, V)
-    return logits / (temperature if temperature > 0 else 1.0)
+    return F.linear(h, model.output.weight.float())                       # (B, N, V)
 
 
 @torch.no_grad()
