@@ -56,6 +56,7 @@ class PPOConfig:
     temperature: float = knob(1.0, "sampling temperature of rollouts")
     top_p: float = knob(1.0, "nucleus sampling mass of rollouts")
     generate_batch_size: int = knob(64, "prompts per generate call (decoding is memory-light)")
+    cuda_graph: bool = knob(True, "on a CUDA device, replay each decoding step of the rollouts as a CUDA graph")
 
 
 # ----------------------------------------------------------------------------- tensor helpers
@@ -184,7 +185,7 @@ def generate_responses(policy, prompts, prompt_mask, cfg, eos_id, pad_id=0, gene
     chunks = [llama.generate(policy, prompts[i:i + cfg.generate_batch_size],
                              prompt_mask[i:i + cfg.generate_batch_size], cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
-                             generator=generator)
+                             generator=generator, cuda_graph=cfg.cuda_graph and prompts.device.type == "cuda")
               for i in range(0, prompts.shape[0], cfg.generate_batch_size)]
     N = max(out.shape[1] for out, _ in chunks)
     responses = torch.cat([F.pad(o, (0, N - o.shape[1]), value=pad_id) for o, _ in chunks])    # (B, N)
