@@ -253,6 +253,34 @@ def test_greedy_generate_is_repeated_argmax():
             seq.append(out[b, t].item())
 
 
+def test_generate_through_a_recorded_step(monkeypatch):
+    """generate(cuda_graph=True) on the CPU, llama.capture replaced by a stand-in with a CUDA graph's contract:
+    the step runs once on copies of its first inputs when recorded, then only on those recorded tensors, refilled
+    by copy, into one output tensor that each replay overwrites. Same tokens as eager decoding, greedy and
+    sampled with one seed, with a row stopping at EOS mid-batch."""
+    def capture(fn, *args):
+        inputs = [a.clone() for a in args]
+        output = fn(*inputs).clone()  # the warm-up run: it writes the first step's cache slot once already
+
+        def replay(*args):
+            for x, a in zip(inputs, args):
+                x.copy_(a)
+            return output.copy_(fn(*inputs))
+        return replay
+    model = tiny()
+    tokens, mask = left_pad([TOKENS[0, :9].tolist(), TOKENS[1, :2].tolist(), TOKENS[1, 4:9].tolist()])
+    eos = generate(model, tokens, mask, 10, temperature=0)[0][1, 3].item()
+    for temperature in (0.0, 1.0):
+        run = lambda graph: generate(model, tokens, mask, 10, temperature=temperature, eos_id=eos, pad_id=-1,
+                                     generator=torch.Generator().manual_seed(0), cuda_graph=graph)
+        eager = run(False)
+        with monkeypatch.context() as m:
+            m.setattr(llama, "capture", capture)
+            replayed = run(True)
+        assert all(torch.equal(a, b) for a, b in zip(eager, replayed)), temperature
+    assert eager[1].sum(1).min() < eager[1].shape[1]  # a row stopped at EOS
+
+
 def test_eos_stops_and_pads():
     model = tiny()
     tokens, mask = left_pad([TOKENS[0, :4].tolist(), TOKENS[1, :4].tolist()])
