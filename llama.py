@@ -133,8 +133,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, slots)  # (B, n_kv, L, hd)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            group = (-1, -1, self.n_heads // self.n_kv_heads, -1, -1)
+            k, v = k[:, :, None].expand(group).flatten(1, 2), v[:, :, None].expand(group).flatten(1, 2)
         if attn_mask is None:  # no padding, no cache: the fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
