@@ -10,7 +10,8 @@ Hugging Face and Meta checkpoint layouts are translated in checkpoints.py.
 
 Left-padded batches are first-class: a (B, T) mask marks real tokens, and positions start at 0 on each
 sequence's first real token, so a padded row gives the logits of that sequence alone. `generate` is the one
-batched sampler (KV cache, temperature, top-p, EOS) shared by sample.py and the PPO rollout.
+batched sampler (static KV cache, temperature, top-p, EOS, optionally its decoding step as a CUDA graph)
+shared by sample.py and the PPO rollout.
 
     model = Llama(LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, hidden_dim=176))
     out, out_mask = generate(model, tokens, mask, max_new_tokens=32, temperature=1.0, eos_id=2)
@@ -94,9 +95,8 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for prompt + new tokens and written in place:
-    k, v (n_layers, B, n_kv_heads, L, head_dim), and which of the L slots hold a real token, valid (B, L).
-    The shapes never change, so a decoding step always runs the same kernels (and can be a CUDA graph)."""
+    """Keys and values of every layer preallocated for prompt + new tokens, k, v (n_layers, B, n_kv_heads, L,
+    head_dim), and which slots hold a real token, valid (B, L): written in place, so no shape ever changes."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads or cfg.n_heads, max_len, cfg.dim // cfg.n_heads)
@@ -192,9 +192,7 @@ class Llama(nn.Module):
         else:
             mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
             slots = torch.arange(T, device=tokens.device) + (0 if cache is None else start)  # (T,)
-            if cache is not None:
-                cache.valid.index_copy_(1, slots, mask)
-            valid = mask if cache is None else cache.valid  # (B, S): real tokens, S = T or the cache's L
+            valid = mask if cache is None else cache.valid.index_copy_(1, slots, mask)  # (B, S), S = T or L
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)  # 0 at each first token
             # the query in slot i sees slot j if j <= i and j holds a real token, and always itself, so a
             # padding row attends to something and stays finite (its output is never used)
@@ -281,15 +279,14 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_p=1.0, eo
 
 
 def capture(fn, *args):
-    """fn recorded once as a CUDA graph; the returned function copies its arguments into fn's recorded inputs
-    and replays all of fn's kernels with one launch. By hand rather than torch.compile(mode="reduce-overhead"):
-    no compiler, so the graph runs exactly the eager kernels (same numbers, tested token for token), and the
-    sampling, whose random numbers a graph would freeze, stays outside it. Warming up and capturing run fn
-    on args once, so fn must tolerate being called with them twice (a decoding step rewrites the same slot)."""
+    """fn recorded as a CUDA graph: the function returned copies its arguments into the recorded inputs and
+    replays all of fn's kernels with one launch. By hand, not torch.compile(mode="reduce-overhead"): the graph
+    holds exactly the eager kernels (same numbers, tested token for token), and the sampling, whose random
+    numbers a graph would freeze, stays outside. The warm-up runs fn once on args (a step rewrites its slot)."""
     inputs = [a.clone() for a in args]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph: cuBLAS handles, attention plans
+    with torch.cuda.stream(side):  # warm up (cuBLAS handles, attention plans) on a side stream, as capture asks
         fn(*inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
