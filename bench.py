@@ -180,67 +180,73 @@ def bench_ppo(args, device, dtype):
           f"memory bandwidth" if limits else "# nominal limits of this device: unknown")
     prompts = torch.randint(3, cfg.vocab_size, (R, P), device=device)
     mask = torch.ones_like(prompts)
-    rows = []
+    print(f"# prompts {P} tokens, temperature 1, top-p 1, estimator js; tokens/s: new tokens for generate, sequences "
+          f"for the decoding step, prompt + response tokens (x epochs) otherwise; TFLOP/s: model FLOPs "
+          f"(bench.model_flops), GB/s: weights and KV cache read (bench.read_bytes), each with its share of the "
+          f"nominal limit; peak memory: the device's, from the start of the phase; plan: plan.phase_bytes + "
+          f"weights + trainable state; a whole step: generate + score + update, its tokens/s response tokens, its "
+          f"peak the largest")
+    print("\n| phase | micro-batch | checkpointing | seconds | tokens/s | TFLOP/s | GB/s | peak memory (GiB) | plan (GiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    num = lambda x: "-" if x != x else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+    share = lambda x, i: num(x) + (f" ({100 * x / limits[i]:.0f}%)" if limits and x == x else "")
+
+    def row(name, mb, ckpt, seconds, tps, tflops, gbs, mem, planned):
+        print(f"| {name} | {mb} | {ckpt} | {seconds} | {tps:.0f} | {share(tflops, 1)} | {share(gbs, 2)} | {num(mem)} | "
+              f"{num(planned)} |", flush=True)
 
     def phase(name, mb, ckpt, fn, tokens, flops, nbytes, plan_peak):
+        """(seconds, peak GiB) of fn, printed as a row; None when the device ran out of memory."""
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         try:
             t, _ = best_time(fn, 1, device)
-            rows.append((name, mb, ckpt, t, tokens / t, flops / t / 1e12, nbytes / t / 1e9, gib(), plan_peak))
         except torch.cuda.OutOfMemoryError:
-            rows.append((f"{name}: out of device memory", mb, ckpt, *[float("nan")] * 4, gib(), plan_peak))
-            return False
-        return True
+            row(f"{name}: out of device memory", mb, ckpt, "-", float("nan"), float("nan"), float("nan"), gib(), plan_peak)
+            return None
+        row(name, mb, ckpt, num(t), tokens / t, flops / t / 1e12, nbytes / t / 1e9, gib(), plan_peak)
+        return t, gib()
 
     # 1. one warm decoding step (and the warm-up of every kernel of the rollout)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     t = decode_step(policy, prompts[:G], mask[:G], N, graph, device)
-    rows.append((f"decoding step of {G} sequences, cache of {P + N} tokens", "", "", t, G / t,
-                 model_flops(cfg, P, N, G, "step") / t / 1e12, read_bytes(cfg, P, N, G, "step", G, w) / t / 1e9,
-                 gib(), plan_gib(1, False, 0)))
+    row(f"decoding step of {G} sequences, cache of {P + N} tokens", "", "", f"{num(1000 * t)} ms", G / t,
+        model_flops(cfg, P, N, G, "step") / t / 1e12, read_bytes(cfg, P, N, G, "step", G, w) / t / 1e9, gib(),
+        plan_gib(1, False, 0))
     pcfg = lambda mb: ppo.PPOConfig(estimator="js", step_batch_size=min(args.step_batch, R), micro_batch_size=mb,
                                     max_new_tokens=N, generate_batch_size=G, cuda_graph=args.cuda_graph)
     out = {}
     # 2. generate
     gen = torch.Generator(device).manual_seed(0)
-    phase(f"rollout: generate {R} x {N} new tokens (batches of {G})", "", "",
-          lambda: out.update(r=ppo.generate_responses(policy, prompts, mask, pcfg(1), None, generator=gen)),
-          R * N, model_flops(cfg, P, N, R, "generate"), read_bytes(cfg, P, N, R, "generate", G, w),
-          plan_gib(1, False, 0))
-    for mb in args.micro_batches:
+    generated = phase(f"rollout: generate {R} x {N} new tokens (batches of {G})", "", "",
+                      lambda: out.update(r=ppo.generate_responses(policy, prompts, mask, pcfg(1), None, generator=gen)),
+                      R * N, model_flops(cfg, P, N, R, "generate"), read_bytes(cfg, P, N, R, "generate", G, w),
+                      plan_gib(1, False, 0))
+    for mb in args.micro_batches if generated else []:
         # 3. score, 4. update
-        if not phase(f"rollout: score (policy, reference, value, reward model; {R} x {P + N} tokens)", mb, "",
-                     lambda: out.update(b=ppo.score_rollout(policy, value, reward_model, prompts, mask, *out["r"],
-                                                            pcfg(mb), 0.02, None)),
-                     R * (P + N), model_flops(cfg, P, N, R, "score"), read_bytes(cfg, P, N, R, "score", mb, w),
-                     plan_gib(mb, False, 1)):
-            continue
-        for ckpt in args.checkpointing:
+        scored = phase(f"rollout: score (policy, reference, value, reward model; {R} x {P + N} tokens)", mb, "",
+                       lambda: out.update(b=ppo.score_rollout(policy, value, reward_model, prompts, mask, *out["r"],
+                                                              pcfg(mb), 0.02, None)),
+                       R * (P + N), model_flops(cfg, P, N, R, "score"), read_bytes(cfg, P, N, R, "score", mb, w),
+                       plan_gib(mb, False, 1))
+        for ckpt in args.checkpointing if scored else []:
             policy.activation_checkpointing = value.backbone.activation_checkpointing = ckpt == "on"
             c = pcfg(mb)
-            phase(f"update: {c.ppo_epochs} epochs, step batch {c.step_batch_size}, policy + value fwd+bwd", mb, ckpt,
-                  lambda: ppo.ppo_update(policy, value, optimizer, scheduler, out["b"][0], c),
-                  c.ppo_epochs * R * (P + N), model_flops(cfg, P, N, R, "update", c.ppo_epochs),
-                  read_bytes(cfg, P, N, R, "update", mb, w, c.ppo_epochs), plan_gib(mb, ckpt == "on", 2))
+            updated = phase(f"update: {c.ppo_epochs} epochs, step batch {c.step_batch_size}, policy + value fwd+bwd",
+                            mb, ckpt, lambda: ppo.ppo_update(policy, value, optimizer, scheduler, out["b"][0], c),
+                            c.ppo_epochs * R * (P + N), model_flops(cfg, P, N, R, "update", c.ppo_epochs),
+                            read_bytes(cfg, P, N, R, "update", mb, w, c.ppo_epochs), plan_gib(mb, ckpt == "on", 2))
+            if updated:
+                t = generated[0] + scored[0] + updated[0]
+                row("**a whole PPO step**", mb, ckpt, f"**{num(t)}**", R * N / t,
+                    sum(model_flops(cfg, P, N, R, ph, c.ppo_epochs) for ph in ("generate", "score", "update")) / t / 1e12,
+                    float("nan"), max(generated[1], scored[1], updated[1]), max(plan_gib(mb, ckpt == "on", i) for i in range(3)))
             optimizer.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.empty_cache()
         out.pop("b", None)
-    num = lambda x: f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
-    share = lambda x, i: num(x) + (f" ({100 * x / limits[i]:.0f}%)" if limits else "")
-    print("\n| phase | micro-batch | checkpointing | seconds | tokens/s | TFLOP/s | GB/s | peak memory (GiB) | plan (GiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, mb, ckpt, t, tps, tflops, gbs, mem, planned in rows:
-        seconds = f"{num(1000 * t)} ms" if name.startswith("decoding step") else num(t)
-        print(f"| {name} | {mb} | {ckpt} | {seconds} | {tps:.0f} | {share(tflops, 1)} | {share(gbs, 2)} | "
-              f"{num(mem)} | {num(planned)} |")
-    print(f"\nprompts {P} tokens, temperature 1, top-p 1, estimator js; tokens/s counts new tokens for generate "
-          f"(sequences per second for the decoding step), prompt + response tokens (x epochs) otherwise; TFLOP/s: "
-          f"model FLOPs (bench.model_flops), GB/s: weights and KV cache read (bench.read_bytes), each with its "
-          f"share of the nominal limit; peak memory: the device's, from the start of each phase; plan: "
-          f"plan.phase_bytes + weights + trainable state; load average at the end {os.getloadavg()[0]:.2f}")
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
 def main(argv=None):
@@ -259,7 +265,8 @@ def main(argv=None):
     ap.add_argument("--ppo", action="store_true", help="time one PPO step instead (see the docstring)")
     ap.add_argument("--rollout-batch", type=int, default=256, help="--ppo: prompts per rollout (paper: 256)")
     ap.add_argument("--step-batch", type=int, default=128, help="--ppo: samples per optimizer step (paper: 128)")
-    ap.add_argument("--micro-batches", type=int, nargs="+", default=[16], help="--ppo: micro-batch sizes to try")
+    ap.add_argument("--micro-batches", type=int, nargs="*", default=[16],
+                    help="--ppo: micro-batch sizes to try (none: decoding and generation only)")
     ap.add_argument("--checkpointing", choices=["off", "on"], nargs="+", default=["off"],
                     help="--ppo: activation checkpointing settings to try for each micro-batch size")
     ap.add_argument("--generate-batch", type=int, default=64, help="--ppo: prompts per generate call (paper: 64)")
