@@ -115,22 +115,25 @@ def main():
     jobs = {f"decode: greedy, {B_DECODE} x {N} new tokens": decode,
             f"score: log-probs of {B_SCORE} x {N} response tokens ({P + N}-token rows)": score,
             f"LoRA fwd+bwd: {B_TRAIN} rows of {P + N} tokens, loss on {N}": train}
-    best = {(k, side): (float("inf"), float("inf")) for k in jobs for side in ("ours", "theirs")}
+    times = {(k, side): [] for k in jobs for side in ("ours", "theirs")}  # (wall, CPU) per round
     for r in range(ROUNDS + 1):  # round 0 warms up
         for name, fn in jobs.items():
             order = (("ours", ours), ("theirs", theirs))[::1 if r % 2 else -1]
             for side, model in order:
                 t = timed(lambda: fn(model))
                 if r > 0:
-                    best[name, side] = tuple(min(a, b) for a, b in zip(best[name, side], t))
+                    times[name, side].append(t)
     print(f"load after: {uptime()}")
-    print("\n| operation | ours: wall s (CPU s) | theirs: wall s (CPU s) | theirs / ours, wall (CPU) |")
-    print("|---|---:|---:|---:|")
+    print("\n| operation | ours: best wall s (CPU s) | theirs: best wall s (CPU s) | theirs / ours: best wall (CPU) | "
+          "theirs / ours per round, CPU: median [min, max] |")
+    print("|---|---:|---:|---:|---:|")
     for name in jobs:
-        (ow, oc), (tw, tc) = best[name, "ours"], best[name, "theirs"]
-        print(f"| {name} | {ow:.2f} ({oc:.2f}) | {tw:.2f} ({tc:.2f}) | {tw / ow:.2f} ({tc / oc:.2f}) |")
-    print(f"\nbest of {ROUNDS} rounds after one warm-up round; transformers "
-          f"{__import__('transformers').__version__}, peft {__import__('peft').__version__}")
+        (ow, oc), (tw, tc) = (tuple(map(min, zip(*times[name, side]))) for side in ("ours", "theirs"))
+        paired = sorted(t[1] / o[1] for o, t in zip(times[name, "ours"], times[name, "theirs"]))
+        print(f"| {name} | {ow:.2f} ({oc:.2f}) | {tw:.2f} ({tc:.2f}) | {tw / ow:.2f} ({tc / oc:.2f}) | "
+              f"{paired[len(paired) // 2]:.2f} [{paired[0]:.2f}, {paired[-1]:.2f}] |")
+    print(f"\n{ROUNDS} rounds after one warm-up round, ours and theirs back to back in each (the order alternating); "
+          f"transformers {__import__('transformers').__version__}, peft {__import__('peft').__version__}")
 
 
 if __name__ == "__main__":
