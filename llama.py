@@ -10,7 +10,8 @@ Hugging Face and Meta checkpoint layouts are translated in checkpoints.py.
 
 Left-padded batches are first-class: a (B, T) mask marks real tokens, and positions start at 0 on each
 sequence's first real token, so a padded row gives the logits of that sequence alone. `generate` is the one
-batched sampler (KV cache, temperature, top-p, EOS) shared by sample.py and the PPO rollout.
+batched sampler (static KV cache, temperature, top-p, EOS, optionally its decoding step as a CUDA graph)
+shared by sample.py and the PPO rollout.
 
     model = Llama(LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, hidden_dim=176))
     out, out_mask = generate(model, tokens, mask, max_new_tokens=32, temperature=1.0, eos_id=2)
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -120,21 +122,20 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: (n_layers, B, n_kv_heads, max_len, head_dim)."""
+    """Keys and values of every layer preallocated for prompt + new tokens, k, v (n_layers, B, n_kv_heads, L,
+    head_dim), and which slots hold a real token, valid (B, L): written in place, so no shape ever changes."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads or cfg.n_heads, max_len, cfg.dim // cfg.n_heads)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.len = 0  # tokens stored so far; advanced by Llama.hidden after all layers ran
+        self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
 
-    def update(self, layer, k, v):
-        # k, v (B, n_kv, T, hd) -> all keys and values so far (B, n_kv, len + T, hd)
-        T = k.shape[2]
-        assert self.len + T <= self.k.shape[3], f"KV cache full: {self.len} + {T} > {self.k.shape[3]}"
-        self.k[layer, :, :, self.len:self.len + T] = k
-        self.v[layer, :, :, self.len:self.len + T] = v
-        return self.k[layer, :, :, :self.len + T], self.v[layer, :, :, :self.len + T]
+    def update(self, layer, k, v, slots):
+        # k, v (B, n_kv, T, hd) written at slots (T,) -> every slot's keys and values (B, n_kv, L, hd)
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -149,7 +150,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, cache, layer):
+    def forward(self, x, cos, sin, attn_mask, cache, layer, slots):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -157,10 +158,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd), S = cached + T
+            k, v = cache.update(layer, k, v, slots)  # (B, n_kv, L, hd)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            group = (-1, -1, self.n_heads // self.n_kv_heads, -1, -1)
+            k, v = k[:, :, None].expand(group).flatten(1, 2), v[:, :, None].expand(group).flatten(1, 2)
         if attn_mask is None:  # no padding, no cache: the fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -187,8 +188,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, cache, layer):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer)
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer=0, slots=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer, slots)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -200,39 +201,41 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # keep only each block's input for backward and recompute the rest there (set by the training script)
+        self.activation_checkpointing = False
         # fresh weights (tests, the small world): N(0, 0.02) as in GPT-2; checkpoints overwrite them
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
 
-    def hidden(self, tokens, mask=None, cache=None):
-        """Final hidden states (B, T, dim) for tokens (B, T); mask (B, cached + T): 1 = token, 0 = padding."""
+    def hidden(self, tokens, mask=None, cache=None, start=None):
+        """Final hidden states (B, T, dim) for tokens (B, T); mask (B, T): 1 = token, 0 = padding. With a cache
+        the tokens go to its slots start, start + 1, ... (start: a long tensor (1,)) and see the real tokens in
+        the slots before them; the cache fixes every shape, so a step costs the same at any start."""
         B, T = tokens.shape
-        past = cache.len if cache is not None else 0
-        if mask is None:
-            positions = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+        slots, attn_mask = None, None
+        if cache is None and mask is None:  # no padding, no cache: positions 0..T-1, the fused causal kernel
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
         else:
-            assert mask.shape == (B, past + T), f"mask {tuple(mask.shape)} must be (B, cached + T) = {(B, past + T)}"
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # 0 at each first real token
-        attn_mask = None
-        if mask is not None or past > 0:
-            # query i (absolute index past + i) sees key j if j <= past + i and j is a real token, and always
-            # itself, so a padding row attends to something and stays finite (its output is never used)
-            i = torch.arange(past, past + T, device=tokens.device)[:, None]
-            j = torch.arange(past + T, device=tokens.device)[None, :]
-            attn_mask = (j <= i)[None, None]  # (1, 1, T, S)
-            if mask is not None:
-                attn_mask = (attn_mask & mask.bool()[:, None, None, :]) | (j == i)[None, None]  # (B, 1, T, S)
+            mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
+            slots = torch.arange(T, device=tokens.device) + (0 if cache is None else start)  # (T,)
+            valid = mask if cache is None else cache.valid.index_copy_(1, slots, mask)  # (B, S), S = T or L
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)  # 0 at each first token
+            # the query in slot i sees slot j if j <= i and j holds a real token, and always itself, so a
+            # padding row attends to something and stays finite (its output is never used)
+            i, j = slots[:, None], torch.arange(valid.shape[1], device=tokens.device)
+            attn_mask = ((j <= i) & valid[:, None, None, :]) | (j == i)  # (B, 1, T, S)
         cos, sin = rotary(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, self.cfg.rope_scaling)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer, block in enumerate(self.layers):
-            h = block(h, cos, sin, attn_mask, cache, layer)
-        if cache is not None:
-            cache.len += T
+            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                h = checkpoint(block, h, cos, sin, attn_mask, use_reentrant=False)  # backward recomputes the block
+            else:
+                h = block(h, cos, sin, attn_mask, cache, layer, slots)
         return self.norm(h)
 
-    def forward(self, tokens, mask=None, cache=None):
-        return self.output(self.hidden(tokens, mask, cache)).float()  # logits (B, T, vocab) in fp32
+    def forward(self, tokens, mask=None, cache=None, start=None):
+        return self.output(self.hidden(tokens, mask, cache, start)).float()  # logits (B, T, vocab) in fp32
 
     def new_cache(self, batch_size, max_len):
         w = self.tok_embeddings.weight
@@ -265,23 +268,25 @@ def sample_top_p(probs, top_p, generator=None):
 
 @torch.no_grad()
 def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_p=1.0, eos_id=None, pad_id=0,
-             generator=None):
+             generator=None, cuda_graph=False):
     """Sample continuations of left-padded prompts tokens/mask (B, T) with a KV cache.
 
     Returns out (B, N) response tokens (pad_id after EOS) and out_mask (B, N) (1 up to and including EOS).
-    temperature 0 = greedy.
+    temperature 0 = greedy. cuda_graph: replay the decoding step as a CUDA graph (a CUDA device only).
     """
     B, T = tokens.shape
     if T + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the context "
                          f"of {model.cfg.max_seq_len} tokens")
     cache = model.new_cache(B, T + max_new_tokens)
-    seq_mask = mask
-    h = model.hidden(tokens, mask, cache)
+    start = torch.zeros(1, dtype=torch.long, device=tokens.device)  # the next free cache slot
+    logits = model.output(model.hidden(tokens, mask, cache, start)[:, -1]).float()  # (B, vocab)
+    start += T
+    # one decoding step: fixed shapes, and the token, the slot and the cache are its only inputs
+    step = lambda token, start: model(token, None, cache, start)[:, -1]  # (B, 1), (1,) -> logits (B, vocab)
     done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
     out, out_mask = [], []
-    for _ in range(max_new_tokens):
-        logits = model.output(h[:, -1]).float()  # (B, vocab)
+    for t in range(max_new_tokens):
         if temperature == 0:
             next_token = logits.argmax(-1)
         else:
@@ -290,12 +295,37 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_p=1.0, eo
         out_mask.append(~done)
         if eos_id is not None:
             done = done | (next_token == eos_id)
-        if done.all():
+        if t == max_new_tokens - 1 or done.all():
             break
+        if cuda_graph and t == 0:
+            step = capture(step, next_token[:, None], start)
         # finished rows keep decoding their (valid) samples; those are masked out above and never returned
-        seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], dim=1)
-        h = model.hidden(next_token[:, None], seq_mask, cache)
+        logits = step(next_token[:, None], start)
+        start += 1
     return torch.stack(out, 1), torch.stack(out_mask, 1).long()
+
+
+def capture(fn, *args):
+    """fn recorded as a CUDA graph: the function returned copies its arguments into the recorded inputs and
+    replays all of fn's kernels with one launch. By hand, not torch.compile(mode="reduce-overhead"): the graph
+    holds exactly the eager kernels (same numbers, tested token for token), and the sampling, whose random
+    numbers a graph would freeze, stays outside. The warm-up runs fn once on args (a step rewrites its slot)."""
+    inputs = [a.clone() for a in args]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (cuBLAS handles, attention plans) on a side stream, as capture asks
+        fn(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn(*inputs)
+
+    def replay(*args):
+        for x, a in zip(inputs, args):
+            x.copy_(a)
+        graph.replay()
+        return output  # overwritten by the next replay
+    return replay
 
 
 def last_index(mask):

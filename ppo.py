@@ -56,6 +56,7 @@ class PPOConfig:
     temperature: float = knob(1.0, "sampling temperature of rollouts")
     top_p: float = knob(1.0, "nucleus sampling mass of rollouts")
     generate_batch_size: int = knob(64, "prompts per generate call (decoding is memory-light)")
+    cuda_graph: bool = knob(True, "on a CUDA device, replay each decoding step of the rollouts as a CUDA graph")
 
 
 # ----------------------------------------------------------------------------- tensor helpers
@@ -168,10 +169,12 @@ def device_of(model):
 
 def response_logits(model, tokens, mask, P, temperature):
     """Logits (fp32, / temperature) predicting each response token of tokens = prompt (P) + response (N)."""
-    h = model.hidden(tokens, mask)[:, P - 1:-1]                           # (B, N, dim): state before y_t
+    h = model.hidden(tokens, mask)[:, P - 1:-1].float()                   # (B, N, dim): state before y_t
+    # the temperature divides h (dim wide), not the logits (V wide); contiguous, so that the head below is
+    # one matrix product over B * N rows (a strided slice would make it a batched one)
+    h = h / temperature if temperature not in (0, 1) else h.contiguous()
     # the head in fp32 even for bf16 weights: bf16 logits would round each log-prob by ~|logit| * 2^-9
-    logits = F.linear(h.float(), model.output.weight.float())             # (B, N, V)
-    return logits / (temperature if temperature > 0 else 1.0)
+    return F.linear(h, model.output.weight.float())                       # (B, N, V)
 
 
 @torch.no_grad()
@@ -182,7 +185,7 @@ def generate_responses(policy, prompts, prompt_mask, cfg, eos_id, pad_id=0, gene
     chunks = [llama.generate(policy, prompts[i:i + cfg.generate_batch_size],
                              prompt_mask[i:i + cfg.generate_batch_size], cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
-                             generator=generator)
+                             generator=generator, cuda_graph=cfg.cuda_graph and prompts.device.type == "cuda")
               for i in range(0, prompts.shape[0], cfg.generate_batch_size)]
     N = max(out.shape[1] for out, _ in chunks)
     responses = torch.cat([F.pad(o, (0, N - o.shape[1]), value=pad_id) for o, _ in chunks])    # (B, N)

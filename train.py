@@ -75,13 +75,17 @@ class Args(ppo.PPOConfig):
     world_dir: str = knob(".world", "where the built-in small world is built")
     world_seed: int = knob(0, "the small world's seed (its SFT and reward models); PPO seeds vary with --seed, as "
                               "the paper's three runs share one SFT model")
+    activation_checkpointing: bool | None = knob(None, "recompute each block in backward instead of keeping its "
+                                                     "activations (default: on where the plan says the update "
+                                                     "would not fit the CUDA device without it)")
 
 
 # the built-in small world: small batches, a higher learning rate, short responses
 WORLD = dataclasses.replace(Args(), rollout_batch_size=64, step_batch_size=32, micro_batch_size=32, lr=3e-4,
                             steps=30, decay_steps=None, max_new_tokens=24, max_prompt_tokens=96, eval_every=10)
 # a resumed run must be the same experiment: every flag but these must match the checkpoint's
-MAY_CHANGE_ON_RESUME = ("steps", "out", "devices", "resume", "eval_every", "save_every")
+MAY_CHANGE_ON_RESUME = ("steps", "out", "devices", "resume", "eval_every", "save_every", "activation_checkpointing",
+                        "cuda_graph")
 
 
 def parse_args(argv=None):
@@ -332,12 +336,14 @@ def main(argv=None):
     # 3. models and placement: policy + value train on devices[0]; reference + reward model frozen on devices[-1]
     torch.manual_seed(args.seed)  # identical LoRA A init on every rank
     policy, ref, reward_model, value = load_models(args, devices)
+    policy.activation_checkpointing = value.backbone.activation_checkpointing = plan.use_checkpointing(args, dev)
     torch.manual_seed(args.seed + rank)  # LoRA dropout and sampling differ per rank
     params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
     n_policy = lora.count_parameters(policy)[0]
     log(f"devices: policy + value on {dev}, reference + reward model on {devices[-1]}"
         + ("" if len(devices) == 2 else " (reference = policy with adapters off, reward = value backbone with "
-           "adapters off)") + f"; {policy.output.weight.dtype}; {world_size} rank(s)")
+           "adapters off)") + f"; {policy.output.weight.dtype}; {world_size} rank(s); activation checkpointing "
+        + ("on" if policy.activation_checkpointing else "off"))
     log(f"trainable: {sum(p.numel() for p in params):,} (policy LoRA {n_policy:,}, value LoRA + head "
         f"{sum(p.numel() for p in params) - n_policy:,}) of {lora.count_parameters(policy)[1]:,} policy parameters")
     if world_size > 1:  # every rank must start from identical trainable weights

@@ -365,14 +365,26 @@ def test_7b_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
 
 
+def decode(model, tokens, mask, nxt, L):
+    """Prefill a left-padded batch into a cache of L slots, then feed nxt (B, n) one token at a time through
+    generate's decoding step; returns the logits (B, T + n, V) of every position."""
+    cache = model.new_cache(tokens.shape[0], L)
+    g = torch.Generator().manual_seed(0)
+    cache.k.normal_(0, 1e3, generator=g)  # stale values in the slots not yet written must not matter
+    cache.v.normal_(0, 1e3, generator=g)
+    start = torch.zeros(1, dtype=torch.long)
+    parts = [model(tokens, mask, cache, start)]
+    for t in range(nxt.shape[1]):
+        start += tokens.shape[1] if t == 0 else 1
+        parts.append(model(nxt[:, t:t + 1], None, cache, start))  # (B, 1, V), the same shapes at every t
+    return torch.cat(parts, 1)
+
+
 def test_kv_cache_equals_full_forward():
     model = tiny()
     full = model(TOKENS)
-    cache = model.new_cache(2, 12)
-    parts = [model(TOKENS[:, :5], None, cache)]
-    for t in range(5, 12):  # then one token at a time
-        parts.append(model(TOKENS[:, t:t + 1], torch.ones(2, t + 1, dtype=torch.long), cache))
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(decode(model, TOKENS[:, :5], None, TOKENS[:, 5:], 16), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(decode(model, TOKENS[:, :1], None, TOKENS[:, 1:], 12), full, atol=1e-5, rtol=0)
 
 
 def test_left_padding_gives_each_sequence_alone():
@@ -383,13 +395,37 @@ def test_left_padding_gives_each_sequence_alone():
     for b, s in enumerate(seqs):
         alone = model(torch.tensor([s]))[0]
         torch.testing.assert_close(batched[b, -len(s):], alone, atol=1e-5, rtol=0)
-    # and incrementally through the cache, starting from the padded prompt
-    cache = model.new_cache(3, 14)
-    model(tokens, mask, cache)
-    nxt = torch.tensor([[5], [6], [7]])
-    step = model(nxt, torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1), cache)[:, -1]
+    # and incrementally through the cache, starting from the padded prompt: the same logits as one full
+    # forward of the padded batch, and as each sequence alone
+    nxt = torch.tensor([[5, 9], [6, 10], [7, 11]])
+    step = decode(model, tokens, mask, nxt, 20)
+    full = model(torch.cat([tokens, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1))
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
     for b, s in enumerate(seqs):
-        torch.testing.assert_close(step[b], model(torch.tensor([s + [5 + b]]))[0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(step[b, -len(s) - 2:], model(torch.tensor([s + nxt[b].tolist()]))[0],
+                                   atol=1e-5, rtol=0)
+
+
+def test_generate_equals_greedy_full_forward_with_eos_mid_batch():
+    """The static cache gives the tokens of repeated argmax over full forwards of the left-padded batch; a
+    row that emits EOS stops there while the others go on."""
+    model = tiny()
+    seqs = [TOKENS[0, :9].tolist(), TOKENS[1, :2].tolist(), TOKENS[1, 4:9].tolist()]
+    tokens, mask = left_pad(seqs)
+    out, _ = generate(model, tokens, mask, 10, temperature=0)
+    eos = out[1, 3].item()  # the fourth greedy token of row 1 becomes EOS
+    out, out_mask = generate(model, tokens, mask, 10, temperature=0, eos_id=eos, pad_id=-1)
+    seq, seq_mask, expect = tokens, mask, []
+    for t in range(10):  # the batch through the whole model at every step, no cache
+        nxt = model(seq, seq_mask)[:, -1].argmax(-1)
+        expect.append(nxt)
+        seq, seq_mask = torch.cat([seq, nxt[:, None]], 1), torch.cat([seq_mask, torch.ones(3, 1, dtype=torch.long)], 1)
+    expect = torch.stack(expect, 1)
+    n = out_mask.sum(1)
+    assert n[1] <= 4 and n.max() > n[1], n  # EOS mid-batch: row 1 stopped, another went on
+    for b in range(3):
+        assert out[b, :n[b]].tolist() == expect[b, :n[b]].tolist(), b
+        assert (out[b, n[b]:] == -1).all() and (n[b] == out.shape[1] or out[b, n[b] - 1] == eos)
 
 
 def test_greedy_generate_is_repeated_argmax():
@@ -405,6 +441,34 @@ def test_greedy_generate_is_repeated_argmax():
             logits = model(torch.tensor([seq]))[0, -1]
             assert out[b, t].item() == logits.argmax().item()
             seq.append(out[b, t].item())
+
+
+def test_generate_through_a_recorded_step(monkeypatch):
+    """generate(cuda_graph=True) on the CPU, llama.capture replaced by a stand-in with a CUDA graph's contract:
+    the step runs once on copies of its first inputs when recorded, then only on those recorded tensors, refilled
+    by copy, into one output tensor that each replay overwrites. Same tokens as eager decoding, greedy and
+    sampled with one seed, with a row stopping at EOS mid-batch."""
+    def capture(fn, *args):
+        inputs = [a.clone() for a in args]
+        output = fn(*inputs).clone()  # the warm-up run: it writes the first step's cache slot once already
+
+        def replay(*args):
+            for x, a in zip(inputs, args):
+                x.copy_(a)
+            return output.copy_(fn(*inputs))
+        return replay
+    model = tiny()
+    tokens, mask = left_pad([TOKENS[0, :9].tolist(), TOKENS[1, :2].tolist(), TOKENS[1, 4:9].tolist()])
+    eos = generate(model, tokens, mask, 10, temperature=0)[0][1, 3].item()
+    for temperature in (0.0, 1.0):
+        run = lambda graph: generate(model, tokens, mask, 10, temperature=temperature, eos_id=eos, pad_id=-1,
+                                     generator=torch.Generator().manual_seed(0), cuda_graph=graph)
+        eager = run(False)
+        with monkeypatch.context() as m:
+            m.setattr(llama, "capture", capture)
+            replayed = run(True)
+        assert all(torch.equal(a, b) for a, b in zip(eager, replayed)), temperature
+    assert eager[1].sum(1).min() < eager[1].shape[1]  # a row stopped at EOS
 
 
 def test_eos_stops_and_pads():

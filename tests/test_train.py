@@ -202,6 +202,21 @@ def test_a_full_disk_leaves_the_previous_checkpoint_whole(setup, tmp_path):
 
 
 @pytest.mark.slow
+def test_activation_checkpointing_changes_no_number(setup, tmp_path):
+    """--activation-checkpointing recomputes each block in backward with the dropout masks of the forward, so a
+    run gives exactly the metrics and adapter of the run without it (on the CPU the default is off)."""
+    runs = {}
+    for flag in ("--no-activation-checkpointing", "--activation-checkpointing"):
+        r = run(base_args(setup, tmp_path / flag, "--steps", "2", flag))
+        assert r.returncode == 0, r.stderr
+        assert f"activation checkpointing {'off' if 'no' in flag else 'on'}" in r.stdout
+        runs[flag] = r.stdout
+    a, b = (metrics(tmp_path / f) for f in runs)
+    assert [{k: m[k] for k in DETERMINISTIC} for m in a] == [{k: m[k] for k in DETERMINISTIC} for m in b]
+    checksum = lambda out: re.search(r"trainable checksum (\S+)", out).group(1)
+    assert checksum(runs["--no-activation-checkpointing"]) == checksum(runs["--activation-checkpointing"])
+
+
 def test_a_new_run_never_overwrites_an_earlier_one(setup, tmp_path):
     out = tmp_path / "o"
     for i in (1, 2, 3):  # the same command three times into the same OUT
@@ -246,6 +261,19 @@ def test_dry_run_7b():
     # one device: both base models once (the reference is the policy, the reward model the value backbone), plus
     # the reward head (4096 + 1)
     assert row("one-device")[-2:] == [f"{(2 * 6_738_415_616 + 4097) * 2 / 2**30:.2f}", f"{16_781_313 * 16 / 2**30:.2f}"]
+    assert "one-device" in r.stdout and "two-device" in r.stdout
+    # the peak table: micro-batches 8, 16, 32 with and without checkpointing; with it, a layer keeps one
+    # input per token, so at the paper's 16 the update falls below generation, whose peak is the weights,
+    # Adam's state and the KV cache: 2 (k, v) x 32 layers x 64 sequences x 492 tokens x 4096 x 2 bytes,
+    # plus one block of the 64 x 192-token prompt (2 x 4096 + 3 x 11008 values of 2 bytes per token)
+    table = {(int(r[2]), r[3]): [float(x) for x in r[4:]] for r in map(str.split, lines)
+             if r[:2] == ["one-device", "cuda:0"] and len(r) == 8}
+    assert sorted(table) == [(m, c) for m in (8, 16, 32) for c in ("off", "on")]
+    generate, score, update, peak = table[16, "on"]
+    weights = (2 * 6_738_415_616 + 4097) * 2 + 16_781_313 * 16
+    kv, prompt = 2 * 32 * 64 * 492 * 4096 * 2, 64 * 192 * (2 * 4096 + 3 * 11008) * 2
+    assert update < generate and peak == round((weights + kv + prompt) / 2**30, 2) <= 44
+    assert table[16, "off"][2] > 10 * update and table[16, "off"][3] > 80
 
 
 def test_dry_run_activation_estimate_against_autograd():
@@ -253,17 +281,19 @@ def test_dry_run_activation_estimate_against_autograd():
     counted once, parameters excluded), per layer: the difference between a 2- and a 1-layer LoRA model. On the
     CPU dropout keeps its mask in the input dtype, not 1 byte, and the formula leaves out small terms, so the
     measurement may exceed it, by at most 20% here (14-18% measured); dropping a term (SwiGLU is ~40% of
-    it) or double counting fails. On an H100 the 7B estimate came within 2% of the measured peak."""
+    it) or double counting fails. With activation checkpointing a block keeps exactly its input (the
+    checkpoint saves it through the same hooks; what the block saved inside is recomputed in backward)."""
     import lora
     import plan
 
-    def saved(n_layers, dtype, kv):
+    def saved(n_layers, dtype, kv, checkpointing):
         cfg = llama.LlamaConfig(dim=256, n_layers=n_layers, n_heads=8, n_kv_heads=kv, vocab_size=256,
                                 hidden_dim=688, max_seq_len=128)
         torch.manual_seed(0)
         model = llama.Llama(cfg).to(dtype)
         lora.add_lora(model, rank=8, alpha=64, dropout=0.1, lora_dtype=torch.float32)
         model.train()
+        model.activation_checkpointing = checkpointing
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         kept, storages = [], {}
 
@@ -279,10 +309,12 @@ def test_dry_run_activation_estimate_against_autograd():
 
     for dtype, w in ((torch.float32, 4), (torch.bfloat16, 2)):
         for kv in (8, 2):
-            (two, cfg), (one, _) = saved(2, dtype, kv), saved(1, dtype, kv)
+            (two, cfg), (one, _) = saved(2, dtype, kv, False), saved(1, dtype, kv, False)
             per_token_layer = (two - one) / 96
             estimate = plan.saved_bytes_per_token_layer(cfg, w)
             assert estimate <= per_token_layer <= 1.2 * estimate, (dtype, kv, per_token_layer, estimate)
+            (two, _), (one, _) = saved(2, dtype, kv, True), saved(1, dtype, kv, True)
+            assert (two - one) / 96 == plan.saved_bytes_per_token_layer(cfg, w, checkpointing=True) == w * cfg.dim
 
 
 def flag(name, value):
