@@ -290,10 +290,18 @@ def save(state, args, rank, policy):
 def console_line(step, steps, stats, seconds):
     # score: the reward model's; penalty: mean D_t per token; true KL: exact, per response; len: tokens incl.
     # EOS; loss: policy + vf_coef x value loss; tok/s: response tokens sampled and trained per second
-    return (f"step {step:4d}/{steps} | score {stats['score']:+.3f} | penalty {stats['penalty']:+.4f} | "
-            f"true KL {stats['true_kl']:.3f} | len {stats['response_length']:.1f} | loss {stats['loss']:+.4f} | "
-            f"{stats['tokens_per_s']:.0f} tok/s | {seconds:.1f}s"
-            + "".join(f" | eval {k[5:]} {v:.3f}" for k, v in stats.items() if k.startswith("eval_")))
+    line = (f"step {step:3d}/{steps} | score {stats['score']:+.3f} | penalty {stats['penalty']:+.4f} | "
+            f"true KL {stats['true_kl']:.2f} | len {stats['response_length']:.1f} | loss {stats['loss']:+.3f} | "
+            f"{stats['tokens_per_s']:.0f} tok/s | {seconds:.1f}s")
+    return line + ("\n" + eval_line(stats) if "eval_score" in stats else "")
+
+
+def eval_line(stats):
+    # the greedy responses to the held-out prompts (and, in the small world, the gold annotator's verdicts)
+    win = (f" | win rate {stats['eval_win_rate']:.3f} +- {stats['eval_win_rate_se']:.3f} | accuracy "
+           f"{stats['eval_accuracy']:.3f}" if "eval_win_rate" in stats else "")
+    return (f"   eval | score {stats['eval_score']:+.3f} | true KL {stats['eval_true_kl']:.2f} | len "
+            f"{stats['eval_length']:.1f}" + win)
 
 
 # ----------------------------------------------------------------------------- main
@@ -382,7 +390,7 @@ def main(argv=None):
     if eval_records and step == 0:  # the SFT policy, as the baseline of every curve
         stats = run_eval(0, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank, world_eval)
         rundir.append_metrics(metrics_file, {"step": 0, **stats}, rank)
-        log("step    0 (SFT) | " + " | ".join(f"eval {k[5:]} {v:.3f}" for k, v in stats.items()))
+        log("step   0 (the SFT policy)\n" + eval_line(stats))
     good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)  # last finished step
     try:
         while step < args.steps:
