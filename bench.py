@@ -9,21 +9,26 @@ Benchmark (not a test): how fast llama.py generates and trains, on random weight
 Measures, after a warm-up, the best wall time of --repeats runs (as timeit does: interference from other
 processes only ever adds time) of
   1. generation with llama.generate at batch 1 and 16 from a 16-token prompt, with the KV cache and
-     without (use_cache=False re-runs the whole sequence each step). eos_id=None, so every run generates
+     without (generate_without_cache below re-runs the whole sequence each step). eos_id=None, so every run generates
      exactly --new-tokens tokens; tokens/s counts new tokens. Without the cache a run of N new tokens
-     pushes B * S(N) tokens through the layers, S(N) = (N + 1) * P + N * (N + 1) / 2 for a P-token prompt
-     (generate also computes the state after the last token). When that is estimated to take longer than
+     pushes B * S(N) tokens through the layers, S(N) = N * P + N * (N - 1) / 2 for a P-token prompt.
+     When that is estimated to take longer than
      --budget seconds (from a timed forward pass of the full length), N is halved until it fits; the row
      says the N measured, a cached row is measured at the same N (and one at --new-tokens), and a line
      under the table extrapolates to --new-tokens by the ratio of S, labelled as an estimate.
   2. forward + backward (cross-entropy on next tokens) at batch 8 x 256 tokens: the full model trainable,
      then LoRA rank 8 on wq, wk, wv, wo (lora.add_lora, alpha 64, dropout 0.1) with the rest frozen.
-With --ppo instead: one PPO step of the real code (ppo.rollout, then ppo.ppo_update) in train.py's
-one-device placement (the reference is the policy with its adapters off, the reward model the value
-model's backbone with its adapters off): --rollout-batch prompts of --prompt-len tokens, --new-tokens
-each (eos_id=None: every response has full length, the worst case), then the update at each
---micro-batches size (each size rolls out again, from the weights the previous update left: the speed
-does not depend on them); seconds and the device's peak memory per phase.
+With --ppo instead: one PPO step of the real code (ppo.generate_responses, ppo.score_rollout, then
+ppo.ppo_update) in train.py's one-device placement (the reference is the policy with its adapters off, the
+reward model the value model's backbone with its adapters off): --rollout-batch prompts of --prompt-len
+tokens, --new-tokens each (eos_id=None: every response has full length, the worst case), generated in
+chunks of --generate-batch (with the decoding step as a CUDA graph unless --no-cuda-graph), scored, then
+updated once for each --micro-batches size and each --checkpointing setting (the speed does not depend on
+the weights an earlier update left). First, and as the warm-up of every kernel: one decoding step of
+--generate-batch sequences at the rollout's cache length, repeated. Per phase: seconds, tokens/s, model
+FLOP/s and the bytes of weights and KV cache the phase must read per second (model_flops and read_bytes
+below), as a share of the device's nominal limits where known (DEVICE_LIMITS), the device's peak memory
+and the plan's (plan.py) for the same phase.
 Prints a markdown table. Random N(0, 0.02) weights: the speed does not depend on the values.
 Run it on an otherwise idle machine (the header and footer print the load average): when another process
 keeps a core busy, every multi-threaded op waits for a descheduled thread, and small ops (LoRA's rank-8
@@ -34,10 +39,13 @@ import os
 import platform
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+import llama
+import plan
 import ppo
 from llama import Llama, generate, get_preset
 from lora import add_lora, count_parameters
@@ -70,14 +78,80 @@ def best_time(fn, repeats, device):
     return best
 
 
-def S(n, p):  # tokens per row that generate(use_cache=False) pushes through the layers for n new tokens
-    return (n + 1) * p + n * (n + 1) // 2
+def S(n, p):  # tokens per row that generate_without_cache pushes through the layers for n new tokens
+    return n * p + n * (n - 1) // 2
+
+
+@torch.no_grad()
+def generate_without_cache(model, tokens, n, generator):
+    """What llama.generate would cost without its KV cache: the whole sequence through the model for every new
+    token (no padding, no EOS; the baseline of the cache speed-up)."""
+    for _ in range(n):
+        logits = model(tokens)[:, -1]
+        tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1, generator=generator)], 1)
+    return tokens
+
+
+# nominal dense bf16 tensor-core TFLOP/s and HBM bandwidth in GB/s, from NVIDIA's data sheets (SXM unless named)
+DEVICE_LIMITS = {"H200": (989, 4800), "H100 NVL": (835, 3900), "H100 PCIe": (756, 2000), "H100": (989, 3350),
+                 "A100-SXM4-80GB": (312, 2039)}
+
+
+def device_limits(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next(((k, *v) for k, v in DEVICE_LIMITS.items() if k in name), None)
+
+
+def model_flops(cfg, P, N, rows, phase, epochs=1):
+    """Multiply-adds x 2 the phase's matrix products need for `rows` sequences of P prompt + N response tokens
+    (LoRA's rank-8 products and the recomputation of checkpointing not counted). Per token and model: 2 W
+    (the blocks' projections) + the causal attention 4 dim x keys per layer, and the LM head 2 dim V where
+    logits are needed. step: one decoding step at the last slot; generate: P + N - 1 tokens through the
+    policy, N heads; score: four forwards (policy, reference, value, reward model), two heads over N;
+    update: policy and value, forward and backward of the activations (2 x forward: frozen weights get no
+    gradient), one head."""
+    kv = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
+    W = cfg.n_layers * (2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv + 3 * cfg.dim * cfg.hidden_dim)
+    T, head, attn = P + N, 2 * cfg.dim * cfg.vocab_size, 4 * cfg.dim * cfg.n_layers  # attn: per key
+    body = 2 * W * T + attn * T * (T - 1) / 2  # every token's keys, summed over the sequence
+    per_row = {"step": 2 * W + attn * T + head, "generate": body - 2 * W + N * head,
+               "score": 4 * body + 2 * N * head, "update": epochs * 2 * (2 * body + N * head)}[phase]
+    return rows * per_row
+
+
+def read_bytes(cfg, P, N, rows, phase, chunk, w, epochs=1):
+    """The least the phase must read from memory: the frozen weights (w bytes each) once per pass over a
+    chunk of rows, and in decoding the whole static KV cache (chunk x (P + N) slots) at every step."""
+    kv = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
+    weights = w * (cfg.n_layers * (2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv + 3 * cfg.dim * cfg.hidden_dim)
+                   + cfg.dim * cfg.vocab_size)
+    n_chunks = -(-rows // chunk)
+    cache = 2 * cfg.n_layers * chunk * (P + N) * kv * w
+    return {"step": weights + cache, "generate": n_chunks * (N * weights + (N - 1) * cache),
+            "score": n_chunks * 4 * weights, "update": epochs * n_chunks * 2 * 2 * weights}[phase]
+
+
+@torch.no_grad()
+def decode_step(policy, prompts, mask, N, cuda_graph, device, repeats=20):
+    """Seconds of one warm decoding step of generate (batch prompts.shape[0], a cache of P + N slots)."""
+    policy.eval()
+    cache, start = policy.new_cache(prompts.shape[0], prompts.shape[1] + N), torch.zeros(1, dtype=torch.long,
+                                                                                          device=device)
+    policy.hidden(prompts, mask, cache, start)
+    start += prompts.shape[1]
+    step = lambda token, start: policy(token, None, cache, start)[:, -1]  # as in llama.generate
+    token = prompts[:, -1:]
+    if cuda_graph:
+        step = llama.capture(step, token, start)
+    step(token, start)
+    return best_time(lambda: [step(token, start) for _ in range(repeats)], 3, device)[0] / repeats
 
 
 def bench_ppo(args, device, dtype):
-    """One PPO step at a preset's shape: rollout (generate, then score) and the update per micro-batch size."""
-    cfg, P, N, R = get_preset(args.preset), args.prompt_len, args.new_tokens, args.rollout_batch
+    """One PPO step at a preset's shape: generate, score, then the update per micro-batch and checkpointing."""
+    cfg, P, N, R, G = get_preset(args.preset), args.prompt_len, args.new_tokens, args.rollout_batch, args.generate_batch
     cuda = device.type == "cuda"
+    graph = cuda and args.cuda_graph
     gib = lambda: torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # the frozen weights are created in bf16 on the device: no fp32 copy of 7B
@@ -92,41 +166,87 @@ def bench_ppo(args, device, dtype):
     params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    w = torch.finfo(dtype).bits // 8
+    # the plan of the same run: weights + trainable state + phase (plan.phase_bytes)
+    frozen = sum(p.numel() for m in (policy, reward_model) for p in m.parameters() if not p.requires_grad)
+    plan_args = SimpleNamespace(max_prompt_tokens=P, max_new_tokens=N, generate_batch_size=G)
+    plan_gib = lambda mb, ckpt, i: (frozen * w + sum(p.numel() for p in params) * 16
+                                    + plan.phase_bytes(cfg, plan_args, w, mb, ckpt)[i]) / 2**30
+    limits = device_limits(device)
     print(f"# {hardware(device)}; {args.preset}, {str(dtype).removeprefix('torch.')} weights; one-device placement; "
-          f"{sum(p.numel() for p in params):,} trainable; weights + LoRA on the device: {gib():.2f} GiB")
+          f"{sum(p.numel() for p in params):,} trainable; weights + LoRA on the device: {gib():.2f} GiB; "
+          f"CUDA graph {'on' if graph else 'off'}; load average {os.getloadavg()[0]:.2f}")
+    print(f"# nominal limits of the {limits[0]} (data sheet): {limits[1]} TFLOP/s dense bf16, {limits[2]} GB/s "
+          f"memory bandwidth" if limits else "# nominal limits of this device: unknown")
     prompts = torch.randint(3, cfg.vocab_size, (R, P), device=device)
     mask = torch.ones_like(prompts)
-    rows = []
-    for mb in args.micro_batches:
-        pcfg = ppo.PPOConfig(estimator="js", rollout_batch_size=R, step_batch_size=min(args.step_batch, R),
-                             micro_batch_size=mb, max_new_tokens=N)
+    print(f"# prompts {P} tokens, temperature 1, top-p 1, estimator js; tokens/s: new tokens for generate, sequences "
+          f"for the decoding step, prompt + response tokens (x epochs) otherwise; TFLOP/s: model FLOPs "
+          f"(bench.model_flops), GB/s: weights and KV cache read (bench.read_bytes), each with its share of the "
+          f"nominal limit; peak memory: the device's, from the start of the phase; plan: plan.phase_bytes + "
+          f"weights + trainable state; a whole step: generate + score + update, its tokens/s response tokens, its "
+          f"peak the largest")
+    print("\n| phase | micro-batch | checkpointing | seconds | tokens/s | TFLOP/s | GB/s | peak memory (GiB) | plan (GiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    num = lambda x: "-" if x != x else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+    share = lambda x, i: num(x) + (f" ({100 * x / limits[i]:.0f}%)" if limits and x == x else "")
+
+    def row(name, mb, ckpt, seconds, tps, tflops, gbs, mem, planned):
+        print(f"| {name} | {mb} | {ckpt} | {seconds} | {tps:.0f} | {share(tflops, 1)} | {share(gbs, 2)} | {num(mem)} | "
+              f"{num(planned)} |", flush=True)
+
+    def phase(name, mb, ckpt, fn, tokens, flops, nbytes, plan_peak):
+        """(seconds, peak GiB) of fn, printed as a row; None when the device ran out of memory."""
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            batch, stats = ppo.rollout(policy, value, reward_model, prompts, mask, pcfg, 0.02, eos_id=None,
-                                       generator=torch.Generator(device).manual_seed(0))
-            rows.append((f"rollout: generate {R} x {N} new tokens (batches of {pcfg.generate_batch_size})",
-                         mb, stats["time_generate"], R * N / stats["time_generate"], gib()))
-            rows.append((f"rollout: score (policy, reference, value, reward model; {R} x {P + N} tokens)",
-                         mb, stats["time_score"], R * (P + N) / stats["time_score"], gib()))
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            t, _ = best_time(lambda: ppo.ppo_update(policy, value, optimizer, scheduler, batch, pcfg), 1, device)
-            rows.append((f"update: {pcfg.ppo_epochs} epochs, step batch {pcfg.step_batch_size}, policy + value "
-                         f"fwd+bwd", mb, t, pcfg.ppo_epochs * R * (P + N) / t, gib()))
+            t, _ = best_time(fn, 1, device)
         except torch.cuda.OutOfMemoryError:
-            rows.append((f"out of device memory at micro-batch {mb}", mb, float("nan"), float("nan"), gib()))
-        batch = None  # free this rollout before the next micro-batch size
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.empty_cache()
-    print("\n| phase | micro-batch | seconds | tokens/s | peak memory (GiB) |")
-    print("|---|---:|---:|---:|---:|")
-    for phase, mb, t, tps, mem in rows:
-        print(f"| {phase} | {mb} | {t:.1f} | {tps:.0f} | {mem:.2f} |")
-    print(f"\nprompts {P} tokens, temperature 1, top-p 1, estimator js; tokens/s counts new tokens for generate, "
-          f"prompt + response tokens (x epochs) otherwise; peak memory: the device's, from the start of the rollout "
-          f"or of the update")
+            row(f"{name}: out of device memory", mb, ckpt, "-", float("nan"), float("nan"), float("nan"), gib(), plan_peak)
+            return None
+        row(name, mb, ckpt, num(t), tokens / t, flops / t / 1e12, nbytes / t / 1e9, gib(), plan_peak)
+        return t, gib()
+
+    # 1. one warm decoding step (and the warm-up of every kernel of the rollout)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t = decode_step(policy, prompts[:G], mask[:G], N, graph, device)
+    row(f"decoding step of {G} sequences, cache of {P + N} tokens", "", "", f"{num(1000 * t)} ms", G / t,
+        model_flops(cfg, P, N, G, "step") / t / 1e12, read_bytes(cfg, P, N, G, "step", G, w) / t / 1e9, gib(),
+        plan_gib(1, False, 0))
+    pcfg = lambda mb: ppo.PPOConfig(estimator="js", step_batch_size=min(args.step_batch, R), micro_batch_size=mb,
+                                    max_new_tokens=N, generate_batch_size=G, cuda_graph=args.cuda_graph)
+    out = {}
+    # 2. generate
+    gen = torch.Generator(device).manual_seed(0)
+    generated = phase(f"rollout: generate {R} x {N} new tokens (batches of {G})", "", "",
+                      lambda: out.update(r=ppo.generate_responses(policy, prompts, mask, pcfg(1), None, generator=gen)),
+                      R * N, model_flops(cfg, P, N, R, "generate"), read_bytes(cfg, P, N, R, "generate", G, w),
+                      plan_gib(1, False, 0))
+    for mb in args.micro_batches if generated else []:
+        # 3. score, 4. update
+        scored = phase(f"rollout: score (policy, reference, value, reward model; {R} x {P + N} tokens)", mb, "",
+                       lambda: out.update(b=ppo.score_rollout(policy, value, reward_model, prompts, mask, *out["r"],
+                                                              pcfg(mb), 0.02, None)),
+                       R * (P + N), model_flops(cfg, P, N, R, "score"), read_bytes(cfg, P, N, R, "score", mb, w),
+                       plan_gib(mb, False, 1))
+        for ckpt in args.checkpointing if scored else []:
+            policy.activation_checkpointing = value.backbone.activation_checkpointing = ckpt == "on"
+            c = pcfg(mb)
+            updated = phase(f"update: {c.ppo_epochs} epochs, step batch {c.step_batch_size}, policy + value fwd+bwd",
+                            mb, ckpt, lambda: ppo.ppo_update(policy, value, optimizer, scheduler, out["b"][0], c),
+                            c.ppo_epochs * R * (P + N), model_flops(cfg, P, N, R, "update", c.ppo_epochs),
+                            read_bytes(cfg, P, N, R, "update", mb, w, c.ppo_epochs), plan_gib(mb, ckpt == "on", 2))
+            if updated:
+                t = generated[0] + scored[0] + updated[0]
+                row("**a whole PPO step**", mb, ckpt, f"**{num(t)}**", R * N / t,
+                    sum(model_flops(cfg, P, N, R, ph, c.ppo_epochs) for ph in ("generate", "score", "update")) / t / 1e12,
+                    float("nan"), max(generated[1], scored[1], updated[1]), max(plan_gib(mb, ckpt == "on", i) for i in range(3)))
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.empty_cache()
+        out.pop("b", None)
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
 def main(argv=None):
@@ -145,7 +265,13 @@ def main(argv=None):
     ap.add_argument("--ppo", action="store_true", help="time one PPO step instead (see the docstring)")
     ap.add_argument("--rollout-batch", type=int, default=256, help="--ppo: prompts per rollout (paper: 256)")
     ap.add_argument("--step-batch", type=int, default=128, help="--ppo: samples per optimizer step (paper: 128)")
-    ap.add_argument("--micro-batches", type=int, nargs="+", default=[16], help="--ppo: micro-batch sizes to try")
+    ap.add_argument("--micro-batches", type=int, nargs="*", default=[16],
+                    help="--ppo: micro-batch sizes to try (none: decoding and generation only)")
+    ap.add_argument("--checkpointing", choices=["off", "on"], nargs="+", default=["off"],
+                    help="--ppo: activation checkpointing settings to try for each micro-batch size")
+    ap.add_argument("--generate-batch", type=int, default=64, help="--ppo: prompts per generate call (paper: 64)")
+    ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                    help="--ppo: replay the decoding step as a CUDA graph (CUDA only)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,7 +298,10 @@ def main(argv=None):
         gen = torch.Generator(device=device).manual_seed(0)
 
         def run(n, use_cache):
-            generate(model, prompt, mask, n, temperature=1.0, eos_id=None, generator=gen, use_cache=use_cache)
+            if use_cache:
+                generate(model, prompt, mask, n, temperature=1.0, eos_id=None, generator=gen)
+            else:
+                generate_without_cache(model, prompt, n, gen)
 
         run(8, True)  # warm-up: allocator, thread pool, kernels
         with torch.no_grad():  # warm-up of the no-cache path and the basis of its time estimate
@@ -191,7 +320,7 @@ def main(argv=None):
             est = t_none * S(N, P) / S(n, P)
             notes.append(f"Estimate, not measured: generate, no cache, batch {B}, {N} new tokens would take about "
                          f"{t_none:.3g} s x S({N}) / S({n}) = {est:.3g} s ({B * N / est:.2g} tokens/s, a cache "
-                         f"speed-up of about {est / t_cache_N:.0f}x), S(N) = (N + 1) * {P} + N * (N + 1) / 2 "
+                         f"speed-up of about {est / t_cache_N:.0f}x), S(N) = N * {P} + N * (N - 1) / 2 "
                          f"tokens per row (rough: per-step overhead and attention's quadratic cost are ignored).")
 
     # 2. training: forward + backward tokens/s, full model, then LoRA (add_lora changes the model: last)

@@ -12,7 +12,7 @@ chunked over B*T rows so a (B, T, 32000) batch never materializes more than chun
 
 Run `python divergences.py` to print the table "What the penalties estimate" (exact expectations
 and standard deviations by summing over a 1,000-token vocabulary; tests/test_divergences.py asserts
-the same quantities).
+the same quantities), then gradients.py's table of what each penalty does to the gradient.
 """
 import math
 
@@ -214,3 +214,6 @@ if __name__ == "__main__":
             bias = 0.0 if abs(bias) < 1e-12 else bias             # exact zeros, not rounding noise
             cells.append(f"{mean:.5f} | {bias:+.5f} | {std:.4f}")
         print(f"| {name} | {TARGETS[name]} | " + " | ".join(cells) + " |")
+    print()
+    import gradients               # imports this file, so only here: the gradient table after the value table
+    gradients.print_table()

@@ -6,16 +6,18 @@ LLaMA in one file: the network every model of RLHF is built from (policy, refere
 
 Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models" (arXiv 2302.13971). Parameter
 names are Meta's (wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, tok_embeddings, output); the
-Hugging Face and Meta checkpoint layouts are translated in one place, `iter_tensors` / `load_weights`.
+Hugging Face and Meta checkpoint layouts are translated in checkpoints.py.
 
 Left-padded batches are first-class: a (B, T) mask marks real tokens, and positions start at 0 on each
 sequence's first real token, so a padded row gives the logits of that sequence alone. `generate` is the one
-batched sampler (KV cache, temperature, top-p, EOS) shared by sample.py and the PPO rollout.
+batched sampler (static KV cache, temperature, top-p, EOS, optionally its decoding step as a CUDA graph)
+shared by sample.py and the PPO rollout.
 
-    model = Llama.from_pretrained("path/to/llama-7b-hf", device="cuda", dtype=torch.bfloat16)
+    model = Llama(LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, hidden_dim=176))
+    out, out_mask = generate(model, tokens, mask, max_new_tokens=32, temperature=1.0, eos_id=2)
+    (checkpoints.load_llama("path/to/llama-7b-hf", device="cuda", dtype=torch.bfloat16) reads real weights)
 """
-import glob
-import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -35,6 +38,7 @@ class LlamaConfig:
     hidden_dim: int = 11008  # SwiGLU width
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None = plain rotary; else Hugging Face's rope_scaling (see rotary_frequencies)
     max_seq_len: int = 2048  # the context a prompt plus its response must fit in
 
 
@@ -72,13 +76,37 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rotary(positions, head_dim, theta):
+def rotary_frequencies(head_dim, theta, scaling=None, device=None):
+    """The angle per position of each rotated pair, theta_i = theta^(-2i/head_dim), i < head_dim/2 (RoFormer),
+    in fp32; `scaling` (Hugging Face's rope_scaling names) stretches them for a longer context:
+        linear  theta_i / factor: positions read as t / factor (position interpolation, Chen et al. 2023,
+                arXiv 2306.15595)
+        llama3  by wavelength 2 pi / theta_i against L = original_max_position_embeddings: shorter than
+                L / high_freq_factor kept, longer than L / low_freq_factor divided by factor, in between blended
+                with s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor):
+                (1 - s) theta_i / factor + s theta_i (LLaMA 3.1; Meta's apply_scaling in llama-models)
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)  # (head_dim/2,)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelength = 2 * math.pi / inv_freq
+        s = ((scaling["original_max_position_embeddings"] / wavelength - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - s) * inv_freq / scaling["factor"] + s * inv_freq
+    else:
+        assert kind == "default", f"rope_type {kind!r} is not implemented (default, linear, llama3)"
+    return inv_freq
+
+
+def rotary(positions, head_dim, theta, scaling=None):
     """cos and sin tables (B, T, head_dim) for integer positions (B, T), in fp32.
 
     Hugging Face order: the rotated pairs are (i, i + head_dim/2), not Meta's interleaved (2i, 2i+1); the
     loader permutes Meta's wq/wk rows so both layouts give the same logits (Su et al. 2021, RoFormer, Eq. 34).
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    inv_freq = rotary_frequencies(head_dim, theta, scaling, positions.device)
     angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, head_dim)
     return angles.cos(), angles.sin()
@@ -94,21 +122,20 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: (n_layers, B, n_kv_heads, max_len, head_dim)."""
+    """Keys and values of every layer preallocated for prompt + new tokens, k, v (n_layers, B, n_kv_heads, L,
+    head_dim), and which slots hold a real token, valid (B, L): written in place, so no shape ever changes."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads or cfg.n_heads, max_len, cfg.dim // cfg.n_heads)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.len = 0  # tokens stored so far; advanced by Llama.hidden after all layers ran
+        self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
 
-    def update(self, layer, k, v):
-        # k, v (B, n_kv, T, hd) -> all keys and values so far (B, n_kv, len + T, hd)
-        T = k.shape[2]
-        assert self.len + T <= self.k.shape[3], f"KV cache full: {self.len} + {T} > {self.k.shape[3]}"
-        self.k[layer, :, :, self.len:self.len + T] = k
-        self.v[layer, :, :, self.len:self.len + T] = v
-        return self.k[layer, :, :, :self.len + T], self.v[layer, :, :, :self.len + T]
+    def update(self, layer, k, v, slots):
+        # k, v (B, n_kv, T, hd) written at slots (T,) -> every slot's keys and values (B, n_kv, L, hd)
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -123,7 +150,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, cache, layer):
+    def forward(self, x, cos, sin, attn_mask, cache, layer, slots):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -131,10 +158,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd), S = cached + T
+            k, v = cache.update(layer, k, v, slots)  # (B, n_kv, L, hd)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            group = (-1, -1, self.n_heads // self.n_kv_heads, -1, -1)
+            k, v = k[:, :, None].expand(group).flatten(1, 2), v[:, :, None].expand(group).flatten(1, 2)
         if attn_mask is None:  # no padding, no cache: the fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -161,8 +188,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, cache, layer):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer)
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer=0, slots=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer, slots)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -174,57 +201,45 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # keep only each block's input for backward and recompute the rest there (set by the training script)
+        self.activation_checkpointing = False
         # fresh weights (tests, the small world): N(0, 0.02) as in GPT-2; checkpoints overwrite them
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
 
-    def hidden(self, tokens, mask=None, cache=None):
-        """Final hidden states (B, T, dim) for tokens (B, T); mask (B, cached + T): 1 = token, 0 = padding."""
+    def hidden(self, tokens, mask=None, cache=None, start=None):
+        """Final hidden states (B, T, dim) for tokens (B, T); mask (B, T): 1 = token, 0 = padding. With a cache
+        the tokens go to its slots start, start + 1, ... (start: a long tensor (1,)) and see the real tokens in
+        the slots before them; the cache fixes every shape, so a step costs the same at any start."""
         B, T = tokens.shape
-        past = cache.len if cache is not None else 0
-        if mask is None:
-            positions = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+        slots, attn_mask = None, None
+        if cache is None and mask is None:  # no padding, no cache: positions 0..T-1, the fused causal kernel
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
         else:
-            assert mask.shape == (B, past + T), f"mask {tuple(mask.shape)} must be (B, cached + T) = {(B, past + T)}"
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # 0 at each first real token
-        attn_mask = None
-        if mask is not None or past > 0:
-            # query i (absolute index past + i) sees key j if j <= past + i and j is a real token, and always
-            # itself, so a padding row attends to something and stays finite (its output is never used)
-            i = torch.arange(past, past + T, device=tokens.device)[:, None]
-            j = torch.arange(past + T, device=tokens.device)[None, :]
-            attn_mask = (j <= i)[None, None]  # (1, 1, T, S)
-            if mask is not None:
-                attn_mask = (attn_mask & mask.bool()[:, None, None, :]) | (j == i)[None, None]  # (B, 1, T, S)
-        cos, sin = rotary(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+            mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
+            slots = torch.arange(T, device=tokens.device) + (0 if cache is None else start)  # (T,)
+            valid = mask if cache is None else cache.valid.index_copy_(1, slots, mask)  # (B, S), S = T or L
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)  # 0 at each first token
+            # the query in slot i sees slot j if j <= i and j holds a real token, and always itself, so a
+            # padding row attends to something and stays finite (its output is never used)
+            i, j = slots[:, None], torch.arange(valid.shape[1], device=tokens.device)
+            attn_mask = ((j <= i) & valid[:, None, None, :]) | (j == i)  # (B, 1, T, S)
+        cos, sin = rotary(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, self.cfg.rope_scaling)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer, block in enumerate(self.layers):
-            h = block(h, cos, sin, attn_mask, cache, layer)
-        if cache is not None:
-            cache.len += T
+            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                h = checkpoint(block, h, cos, sin, attn_mask, use_reentrant=False)  # backward recomputes the block
+            else:
+                h = block(h, cos, sin, attn_mask, cache, layer, slots)
         return self.norm(h)
 
-    def forward(self, tokens, mask=None, cache=None):
-        return self.output(self.hidden(tokens, mask, cache)).float()  # logits (B, T, vocab) in fp32
+    def forward(self, tokens, mask=None, cache=None, start=None):
+        return self.output(self.hidden(tokens, mask, cache, start)).float()  # logits (B, T, vocab) in fp32
 
     def new_cache(self, batch_size, max_len):
         w = self.tok_embeddings.weight
         return KVCache(self.cfg, batch_size, max_len, w.device, w.dtype)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Build on the meta device, allocate once in `dtype` on `device`, then fill tensor by tensor, so a
-        7B checkpoint never needs twice its size in memory."""
-        cfg = read_config(path)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model = model.to(dtype).to_empty(device=device)
-        unused = load_weights(model, path)
-        unused = [k for k in unused if not k.endswith(("rotary_emb.inv_freq", "rope.freqs"))]  # derived tables
-        if unused:
-            raise ValueError(f"{path}: checkpoint has tensors the model does not use: {', '.join(unused[:5])}")
-        return model
 
 
 # -----------------------------------------------------------------------------
@@ -253,227 +268,71 @@ def sample_top_p(probs, top_p, generator=None):
 
 @torch.no_grad()
 def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_p=1.0, eos_id=None, pad_id=0,
-             generator=None, use_cache=True):
-    """Sample continuations of left-padded prompts tokens/mask (B, T).
+             generator=None, cuda_graph=False):
+    """Sample continuations of left-padded prompts tokens/mask (B, T) with a KV cache.
 
-    Returns out (B, N) response tokens (pad_id after EOS), out_mask (B, N) (1 up to and including EOS), and
-    logprobs (B, N) fp32 of each sampled token under softmax(logits / temperature) (0 on padding).
-    temperature 0 = greedy. use_cache=False re-runs the whole sequence each step (for benchmarks).
+    Returns out (B, N) response tokens (pad_id after EOS) and out_mask (B, N) (1 up to and including EOS).
+    temperature 0 = greedy. cuda_graph: replay the decoding step as a CUDA graph (a CUDA device only).
     """
     B, T = tokens.shape
     if T + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the context "
                          f"of {model.cfg.max_seq_len} tokens")
-    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
-    seq, seq_mask = tokens, mask
-    h = model.hidden(tokens, mask, cache)
+    cache = model.new_cache(B, T + max_new_tokens)
+    start = torch.zeros(1, dtype=torch.long, device=tokens.device)  # the next free cache slot
+    logits = model.output(model.hidden(tokens, mask, cache, start)[:, -1]).float()  # (B, vocab)
+    start += T
+    # one decoding step: fixed shapes, and the token, the slot and the cache are its only inputs
+    step = lambda token, start: model(token, None, cache, start)[:, -1]  # (B, 1), (1,) -> logits (B, vocab)
     done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-    out, out_mask, out_logprobs = [], [], []
-    for _ in range(max_new_tokens):
-        logits = model.output(h[:, -1]).float()  # (B, vocab)
-        if temperature > 0:
-            logits = logits / temperature
-        logprobs = F.log_softmax(logits, dim=-1)
+    out, out_mask = [], []
+    for t in range(max_new_tokens):
         if temperature == 0:
             next_token = logits.argmax(-1)
         else:
-            next_token = sample_top_p(logprobs.exp(), top_p, generator)
-        lp = logprobs.gather(-1, next_token[:, None]).squeeze(-1)
+            next_token = sample_top_p(F.log_softmax(logits / temperature, dim=-1).exp(), top_p, generator)
         out.append(next_token.masked_fill(done, pad_id))
         out_mask.append(~done)
-        out_logprobs.append(lp.masked_fill(done, 0.0))
         if eos_id is not None:
             done = done | (next_token == eos_id)
-        if done.all():
+        if t == max_new_tokens - 1 or done.all():
             break
+        if cuda_graph and t == 0:
+            step = capture(step, next_token[:, None], start)
         # finished rows keep decoding their (valid) samples; those are masked out above and never returned
-        seq = torch.cat([seq, next_token[:, None]], dim=1)
-        seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], dim=1)
-        if use_cache:
-            h = model.hidden(next_token[:, None], seq_mask, cache)
-        else:
-            h = model.hidden(seq, seq_mask)
-    return torch.stack(out, 1), torch.stack(out_mask, 1).long(), torch.stack(out_logprobs, 1)
+        logits = step(next_token[:, None], start)
+        start += 1
+    return torch.stack(out, 1), torch.stack(out_mask, 1).long()
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: Hugging Face (config.json + safetensors/bin) and Meta (params.json + consolidated.NN.pth)
+def capture(fn, *args):
+    """fn recorded as a CUDA graph: the function returned copies its arguments into the recorded inputs and
+    replays all of fn's kernels with one launch. By hand, not torch.compile(mode="reduce-overhead"): the graph
+    holds exactly the eager kernels (same numbers, tested token for token), and the sampling, whose random
+    numbers a graph would freeze, stays outside. The warm-up runs fn once on args (a step rewrites its slot)."""
+    inputs = [a.clone() for a in args]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (cuBLAS handles, attention plans) on a side stream, as capture asks
+        fn(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn(*inputs)
 
-def _read_json(file):
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: malformed JSON ({e})") from None
-
-
-def read_config(path):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    hf, meta = os.path.join(path, "config.json"), os.path.join(path, "params.json")
-    try:
-        if os.path.exists(hf):
-            c = _read_json(hf)
-            return LlamaConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                               n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
-                               hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-                               rope_theta=c.get("rope_theta", 10000.0),
-                               max_seq_len=c.get("max_position_embeddings", 2048))
-        if os.path.exists(meta):
-            c = _read_json(meta)
-            hidden = int(2 * 4 * c["dim"] / 3)  # Meta's FFN width rule
-            if c.get("ffn_dim_multiplier") is not None:
-                hidden = int(c["ffn_dim_multiplier"] * hidden)
-            hidden = c["multiple_of"] * ((hidden + c["multiple_of"] - 1) // c["multiple_of"])
-            vocab = c.get("vocab_size", -1)
-            if vocab <= 0:  # -1: "from the tokenizer", which sits beside the weights or one level up
-                tok = [p for p in (os.path.join(path, "tokenizer.model"), os.path.join(path, "..", "tokenizer.model"))
-                       if os.path.exists(p)]
-                if not tok:
-                    raise ValueError(f"{meta}: vocab_size is {vocab} and no tokenizer.model was found to count it")
-                vocab = Tokenizer(tok[0]).n_words
-            return LlamaConfig(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], n_kv_heads=c.get("n_kv_heads"),
-                               vocab_size=vocab, hidden_dim=hidden, norm_eps=c.get("norm_eps", 1e-6),
-                               rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_seq_len", 2048))
-    except KeyError as e:
-        raise ValueError(f"{hf if os.path.exists(hf) else meta}: missing field {e}") from None
-    raise FileNotFoundError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
+    def replay(*args):
+        for x, a in zip(inputs, args):
+            x.copy_(a)
+        graph.replay()
+        return output  # overwritten by the next replay
+    return replay
 
 
-def _weight_files(path):
-    for pattern in ("*.safetensors", "pytorch_model*.bin", "consolidated.*.pth"):
-        files = sorted(glob.glob(os.path.join(path, pattern)))
-        if files:
-            return files
-    raise FileNotFoundError(f"{path}: no weights (*.safetensors, pytorch_model*.bin or consolidated.*.pth)")
-
-
-def _load_pt(file):
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        return torch.load(file, map_location="cpu", weights_only=True)
-
-
-# Meta shards a model-parallel checkpoint along these dimensions (norms are replicated)
-_META_SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0, "output": 0}
-
-
-def iter_tensors(path):
-    """(name, tensor) over all weight files of a checkpoint directory, one tensor in memory at a time."""
-    files = _weight_files(path)
-    if files[0].endswith(".safetensors"):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):  # a sharded checkpoint must have all its shards
-            missing = set(_read_json(index)["weight_map"].values()) - {os.path.basename(f) for f in files}
-            if missing:
-                raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(sorted(missing))}")
-        from safetensors import safe_open
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-    elif files[0].endswith(".bin"):
-        for file in files:
-            yield from _load_pt(file).items()
-    else:  # Meta: model-parallel shards are concatenated back, key by key
-        shards = [_load_pt(f) for f in files]
-        for name in shards[0]:
-            dim = _META_SHARD_DIM.get(name.split(".")[-2])
-            if len(shards) == 1 or dim is None:
-                yield name, shards[0][name]
-            else:
-                yield name, torch.cat([s[name] for s in shards], dim=dim)
-
-
-# one table, both directions: Meta name piece <-> Hugging Face name piece
-_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-                "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-                "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-                "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-
-
-def meta_to_hf_name(name):
-    # "layers.3.attention.wq.weight" -> "model.layers.3.self_attn.q_proj.weight"
-    module, suffix = name.rsplit(".", 1)
-    if module in _TOP_NAMES:
-        return f"{_TOP_NAMES[module]}.{suffix}"
-    _, i, part = module.split(".", 2)
-    return f"model.layers.{i}.{_LAYER_NAMES[part]}.{suffix}"
-
-
-def hf_to_meta_name(name):
-    # the inverse; None for names that are not LLaMA weights
-    module, _, suffix = name.rpartition(".")
-    for meta, hf in _TOP_NAMES.items():
-        if module == hf:
-            return f"{meta}.{suffix}"
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
-    for meta, hf in _LAYER_NAMES.items():
-        if m and m.group(2) == hf:
-            return f"layers.{m.group(1)}.{meta}.{suffix}"
-    return None
-
-
-def meta_to_hf_rotary(w, n_heads):
-    # Meta rotates interleaved pairs (2i, 2i+1) of each head; we rotate halves (i, i + hd/2): reorder rows
-    out, dim = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
-
-
-def load_weights(model, path, prefix=""):
-    """Fill `model` from a Hugging Face or Meta checkpoint in `path`, converting names and the rotary order.
-    HF names have `prefix` stripped first. Returns the checkpoint keys the model did not use."""
-    meta_layout = os.path.exists(os.path.join(path, "params.json")) and not os.path.exists(os.path.join(path, "config.json"))
-    params = dict(model.named_parameters())
-    cfg, filled, unused = model.cfg, set(), []
-    for key, tensor in iter_tensors(path):
-        if meta_layout:
-            name = key
-            if re.search(r"\.attention\.wq\.weight$", key):
-                tensor = meta_to_hf_rotary(tensor, cfg.n_heads)
-            elif re.search(r"\.attention\.wk\.weight$", key):
-                tensor = meta_to_hf_rotary(tensor, cfg.n_kv_heads or cfg.n_heads)
-        else:
-            name = hf_to_meta_name(key[len(prefix):]) if key.startswith(prefix) else None
-        if name not in params:
-            unused.append(key)
-            continue
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config says "
-                             f"{tuple(params[name].shape)} (check config.json / params.json)")
-        with torch.no_grad():
-            params[name].copy_(tensor)
-        filled.add(name)
-    if "output.weight" not in filled and "tok_embeddings.weight" in filled:
-        hf = os.path.join(path, "config.json")
-        if os.path.exists(hf) and _read_json(hf).get("tie_word_embeddings", False):
-            with torch.no_grad():
-                params["output.weight"].copy_(params["tok_embeddings.weight"])
-            filled.add("output.weight")
-    missing = [n for n in params if n not in filled]
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the config needs, e.g. {', '.join(missing[:3])}")
-    return unused
-
-
-def save_hf(model, path, extra_config=None):
-    """Write `model` in the Hugging Face layout (config.json + model.safetensors), atomically."""
-    from safetensors.torch import save_file
-    cfg = model.cfg
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
-              "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
-              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
-              "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "vocab_size": cfg.vocab_size,
-              "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": False, **(extra_config or {})}
-    tensors = {meta_to_hf_name(n): p.detach().cpu().contiguous() for n, p in model.state_dict().items()}
-    os.makedirs(path, exist_ok=True)
-    for file, write in (("model.safetensors", lambda f: save_file(tensors, f)),
-                        ("config.json", lambda f: open(f, "w").write(json.dumps(config, indent=2)))):
-        tmp = os.path.join(path, file + ".tmp")
-        write(tmp)
-        os.replace(tmp, os.path.join(path, file))
+def last_index(mask):
+    """Index of the last 1 in each row of a (B, T) mask (the EOS, or the last token of a cut-off response)."""
+    assert (mask.sum(-1) > 0).all(), "every sequence needs at least one real token"
+    T = mask.shape[-1]
+    return (mask.long() * torch.arange(1, T + 1, device=mask.device)).argmax(-1)  # (B,)
 
 
 # -----------------------------------------------------------------------------
@@ -484,7 +343,15 @@ class Tokenizer:
         if not os.path.exists(model_path):
             raise FileNotFoundError(f"tokenizer {model_path} does not exist")
         import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except RuntimeError:  # sentencepiece's "could not parse ModelProto": say what the file is instead
+            with open(model_path, "rb") as f:
+                head = f.read(256)
+            what = ("is tiktoken BPE text (lines of 'base64-token rank': LLaMA-3's tokenizer)"
+                    if re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head) else "cannot be parsed")
+            raise ValueError(f"{model_path} {what}; expected a sentencepiece model (the tokenizer.model of "
+                             f"LLaMA-1/2 and AlpacaFarm)") from None
         self.n_words = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0  # LLaMA has none; masks make any id safe

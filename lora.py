@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on a frozen LLaMA, and adapter files in PEFT's layout.
+"""LoRA: low-rank adapters on a frozen LLaMA.
 
 Paper Eq. 1 (Hu et al. 2021, as used by Sun, Gupta & Iyyer 2023):
 
@@ -8,37 +8,25 @@ A starts Kaiming-uniform (a = sqrt(5)), B starts at zero, so a fresh adapter cha
 uses k = 8, alpha = 64 (scale 8), dropout p = 0.1 on the LoRA path, on wq, wk, wv, wo of every layer:
 8,388,608 trainable parameters for LLaMA-7B.
 
-    from lora import add_lora, lora_disabled, save_adapter, load_adapter
+    from lora import add_lora, lora_disabled
     params = add_lora(model, rank=8, alpha=64, dropout=0.1)    # freezes everything else
     logits = model(tokens)                 # policy  pi_theta
     with lora_disabled(model):
         ref_logits = model(tokens)         # reference pi_ref: same weights, adapters off, no second copy
-    save_adapter(model, "out/adapter")     # adapter_config.json + adapter_model.safetensors (PEFT names)
+    checkpoints.save_adapter(model, "out/adapter")   # PEFT's file layout (see checkpoints.py)
 
 Test: python -m pytest tests/test_lora.py
 """
 import contextlib
-import json
 import math
-import os
-import tempfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Meta names inside the model -> (submodule of a layer, name in HF/PEFT files). Translated only here.
-TARGETS = {
-    "wq": ("attention", "self_attn.q_proj"),
-    "wk": ("attention", "self_attn.k_proj"),
-    "wv": ("attention", "self_attn.v_proj"),
-    "wo": ("attention", "self_attn.o_proj"),
-    "w1": ("feed_forward", "mlp.gate_proj"),
-    "w3": ("feed_forward", "mlp.up_proj"),
-    "w2": ("feed_forward", "mlp.down_proj"),
-}
-HF_TO_META = {hf.split(".")[1]: meta for meta, (_, hf) in TARGETS.items()}  # "q_proj" -> "wq"
-PEFT_PREFIX = "base_model.model.model.layers"
+# the projections LoRA may wrap (Meta names) -> the submodule of a layer that holds them
+TARGETS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+           "w1": "feed_forward", "w3": "feed_forward", "w2": "feed_forward"}
 
 
 class LoRALinear(nn.Module):
@@ -107,7 +95,7 @@ def lora_layers(model):
     """[(layer index, Meta target name, LoRALinear)] over model.layers, in file order."""
     out = []
     for i, layer in enumerate(model.layers):
-        for t, (parent, _) in TARGETS.items():
+        for t, parent in TARGETS.items():
             m = getattr(getattr(layer, parent), t)
             if isinstance(m, LoRALinear):
                 out.append((i, t, m))
@@ -125,7 +113,7 @@ def add_lora(model, rank=8, alpha=64, dropout=0.1, targets=("wq", "wk", "wv", "w
     model.requires_grad_(False)
     for layer in model.layers:
         for t in targets:
-            parent = getattr(layer, TARGETS[t][0])
+            parent = getattr(layer, TARGETS[t])
             setattr(parent, t, LoRALinear(getattr(parent, t), rank, alpha, dropout, lora_dtype))
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -162,138 +150,3 @@ def count_parameters(model):
     """(trainable, total) number of parameter elements; shared parameters are counted once."""
     ps = list(model.parameters())
     return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
-
-
-# ----------------------------------------------------------------------------- PEFT adapter files
-
-def _peft_key(i, t, ab):  # e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
-    return f"{PEFT_PREFIX}.{i}.{TARGETS[t][1]}.lora_{ab}.weight"
-
-
-def lora_state_dict(model):
-    """{PEFT key: tensor} of every adapter (saved PEFT files carry no adapter name such as "default")."""
-    sd = {}
-    for i, t, m in lora_layers(model):
-        sd[_peft_key(i, t, "A")] = m.lora_A.detach()  # (rank, in)
-        sd[_peft_key(i, t, "B")] = m.lora_B.detach()  # (out, rank)
-    return sd
-
-
-def _atomic_write(path, write):  # write(tmp_path) then rename: a crash never leaves a half-written file
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def save_adapter(model, dir, base_model_name_or_path=None):
-    """Write dir/adapter_config.json and dir/adapter_model.safetensors, loadable by PEFT and vLLM."""
-    from safetensors.torch import save_file
-
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("save_adapter: model has no LoRA layers")
-    hyper = {(m.rank, m.alpha, m.dropout.p) for _, _, m in layers}
-    assert len(hyper) == 1, f"one adapter file holds one (rank, alpha, dropout), model has {hyper}"
-    rank, alpha, p = hyper.pop()
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": p,
-        "target_modules": sorted({TARGETS[t][1].split(".")[1] for _, t, _ in layers}),
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "revision": None,
-    }
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    os.makedirs(dir, exist_ok=True)
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
-    _atomic_write(os.path.join(dir, "adapter_model.safetensors"),
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(dir, "adapter_config.json"), write_json)
-
-
-def _read_config(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: adapter config not found")
-    try:
-        with open(path) as f:
-            c = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    def need(ok, field, why):
-        if not ok:
-            raise ValueError(f"{path}: field {field!r} = {c.get(field)!r} {why}")
-    need(c.get("peft_type") == "LORA", "peft_type", "is not 'LORA'")
-    need(isinstance(c.get("r"), int) and c["r"] > 0, "r", "must be a positive integer")
-    need(isinstance(c.get("lora_alpha"), (int, float)), "lora_alpha", "must be a number")
-    need(isinstance(c.get("target_modules"), list), "target_modules", "must be a list of module names")
-    unknown = [n for n in c["target_modules"] if n not in HF_TO_META]
-    need(not unknown, "target_modules", f"has unknown names {unknown}; known: {list(HF_TO_META)}")
-    need(c.get("bias", "none") == "none", "bias", "is not supported (only 'none')")
-    # PEFT features that would change the math below: refuse rather than silently compute something else
-    for field in ("use_dora", "use_rslora", "fan_in_fan_out", "modules_to_save", "layers_to_transform",
-                  "rank_pattern", "alpha_pattern"):
-        need(not c.get(field), field, "is not supported here")
-    return c
-
-
-def _read_weights(dir):
-    st, bin_ = os.path.join(dir, "adapter_model.safetensors"), os.path.join(dir, "adapter_model.bin")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-        path, sd = st, load_file(st)
-    elif os.path.isfile(bin_):
-        path, sd = bin_, torch.load(bin_, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{dir}: neither adapter_model.safetensors nor adapter_model.bin found")
-    # some writers keep PEFT's adapter name in the key (lora_A.default.weight); saved files usually don't
-    return path, {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
-                  for k, v in sd.items()}
-
-
-def load_adapter(model, dir, lora_dtype=None):
-    """Load a PEFT LoRA adapter into `model` (a Llama), injecting LoRA layers first if it has none.
-    Every key, shape and name is checked before the model is touched."""
-    cfg_path = os.path.join(dir, "adapter_config.json")
-    c = _read_config(cfg_path)
-    path, sd = _read_weights(dir)
-    rank, alpha, targets = c["r"], c["lora_alpha"], sorted(HF_TO_META[n] for n in c["target_modules"])
-    existing = lora_layers(model)
-    if existing:
-        have = ({m.rank for _, _, m in existing}, {m.alpha for _, _, m in existing},
-                sorted({t for _, t, _ in existing}))
-        if have != ({rank}, {alpha}, targets):
-            raise ValueError(f"{cfg_path}: adapter has r={rank}, lora_alpha={alpha}, targets {targets}; "
-                             f"model's LoRA layers have r={have[0]}, alpha={have[1]}, targets {have[2]}")
-    expected = {}  # PEFT key -> expected shape
-    for i, layer in enumerate(model.layers):
-        for t in targets:
-            m = getattr(getattr(layer, TARGETS[t][0]), t)
-            expected[_peft_key(i, t, "A")] = (rank, m.in_features)
-            expected[_peft_key(i, t, "B")] = (m.out_features, rank)
-    for k, v in sd.items():
-        if k not in expected:
-            raise ValueError(f"{path}: unexpected key {k!r} (model has {len(model.layers)} layers, "
-                             f"targets {c['target_modules']} from {cfg_path})")
-        if tuple(v.shape) != expected[k]:
-            raise ValueError(f"{path}: key {k!r} has shape {tuple(v.shape)}, expected {expected[k]} "
-                             f"(r={rank} from {cfg_path})")
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise ValueError(f"{path}: missing {len(missing)} keys, first {missing[0]!r}")
-    if any(m.merged for _, _, m in existing):
-        raise ValueError("load_adapter: model's LoRA layers are merged; unmerge_lora(model) first")
-    if not existing:
-        add_lora(model, rank, alpha, float(c.get("lora_dropout", 0.0)), targets, lora_dtype)
-    with torch.no_grad():
-        for i, t, m in lora_layers(model):
-            m.lora_A.copy_(sd[_peft_key(i, t, "A")])
-            m.lora_B.copy_(sd[_peft_key(i, t, "B")])
-    return model

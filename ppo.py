@@ -1,7 +1,8 @@
 """PPO for the third stage of RLHF (paper Sec. 3.1): rollout, Eq. 3 reward shaping, GAE, Eq. 2 losses.
 
 One PPO step, in the paper's order:
-  1. rollout      generate y ~ pi_theta(.|x); one forward each for log pi_old, log pi_ref, V(x, y_<t), score
+  1. rollout      generate_responses: y ~ pi_theta(.|x); score_rollout: one forward each for log pi_old and
+                  log pi_ref (policy_and_reference), V(x, y_<t) (state_values), the score (reward_score)
   2. Eq. 3        shape_rewards: r_t = -beta * D_t on every response token, + the score at the last one
   3. GAE          gae: advantages (whitened over valid tokens) and returns = advantages + values
   4. Eq. 2        policy_loss (clipped ratio pi_theta / pi_old) + vf_coef * value_loss (clipped)
@@ -10,10 +11,8 @@ Plain functions over tensors plus two loop functions; the train script owns mode
 Responses are right-padded: `mask` (B, N) is 1 on response tokens up to and including EOS, then 0.
 Tests: python -m pytest tests/test_ppo.py
 """
-import contextlib
 import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,36 +20,43 @@ import torch.nn.functional as F
 import divergences
 import llama
 import lora
+from divergences import masked_mean
+
+
+def knob(default, help):
+    """A config field with its one-line doc (shown by train.py --help)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class PPOConfig:
+    """The PPO knobs, with the paper's defaults; train.py's Args adds the run's own to these."""
     # Eq. 3: per-token reward r_t = -kl_coef * D_t, plus the reward-model score at the last token
-    kl_coef: float = 0.02           # beta
-    estimator: str = "kl"           # D_t: a key of divergences.ESTIMATORS
-    adaptive_kl: bool = False       # AlpacaFarm's controller (off in the paper)
-    kl_target: float = 6.0          # target of the per-sequence divergence sum (adaptive only)
-    k_beta: float = 0.1             # controller gain: beta *= 1 + k_beta * clip(KL / target - 1, -0.2, 0.2)
-    no_eos_penalty: float | None = None  # e.g. -1.0: score given to responses that never emit EOS
-    whiten_rewards: bool = True     # scale shaped rewards by their std, keeping the mean (as the reference)
+    kl_coef: float = knob(0.02, "beta in Eq. 3 (0 = no regularization)")
+    estimator: str = knob("kl", "the divergence penalty D in Eq. 3: " + ", ".join(divergences.ESTIMATORS))
+    adaptive_kl: bool = knob(False, "AlpacaFarm's adaptive beta controller (off in the paper)")
+    kl_target: float = knob(6.0, "target of the per-sequence penalty sum (adaptive controller only)")
+    k_beta: float = knob(0.1, "controller gain: beta *= 1 + k_beta * clip(KL / target - 1, -0.2, 0.2)")
+    no_eos_penalty: float | None = knob(None, "score given to responses that never emit EOS (e.g. -1; off)")
+    whiten_rewards: bool = knob(True, "scale shaped rewards by their std, keeping the mean (as the reference)")
     # GAE (Schulman et al. 2016)
-    gamma: float = 1.0
-    lam: float = 0.95               # upstream AlpacaFarm: 1.0
+    gamma: float = knob(1.0, "discount")
+    lam: float = knob(0.95, "GAE lambda (upstream AlpacaFarm: 1.0)")
     # Eq. 2 and the value loss
-    cliprange: float = 0.2          # epsilon
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
+    cliprange: float = knob(0.2, "epsilon of the clipped ratio in Eq. 2")
+    cliprange_value: float = knob(0.2, "clip range of the value loss")
+    vf_coef: float = knob(0.1, "weight of the value loss")
     # optimization phase
-    ppo_epochs: int = 2
-    rollout_batch_size: int = 256
-    step_batch_size: int = 128      # samples per optimizer step
-    micro_batch_size: int = 16      # samples per forward/backward (also the rollout forward chunk)
-    max_grad_norm: float = 1.0      # joint over policy + value trainable parameters
+    ppo_epochs: int = knob(2, "passes over each rollout")
+    step_batch_size: int = knob(128, "samples per optimizer step")
+    micro_batch_size: int = knob(16, "samples per forward/backward (gradients are accumulated to the step batch)")
+    max_grad_norm: float = knob(1.0, "gradient-norm clip, joint over policy + value")
     # rollout generation
-    max_new_tokens: int = 300
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generate_batch_size: int = 64   # prompts per llama.generate call (decoding is memory-light)
+    max_new_tokens: int = knob(300, "response length limit")
+    temperature: float = knob(1.0, "sampling temperature of rollouts")
+    top_p: float = knob(1.0, "nucleus sampling mass of rollouts")
+    generate_batch_size: int = knob(64, "prompts per generate call (decoding is memory-light)")
+    cuda_graph: bool = knob(True, "on a CUDA device, replay each decoding step of the rollouts as a CUDA graph")
 
 
 # ----------------------------------------------------------------------------- tensor helpers
@@ -68,13 +74,7 @@ def entropy_from_logits(logits):
 
 
 # The reference computes these statistics over padded positions too, so the many zeros after EOS pull
-# the mean and variance; here every statistic is over valid tokens only.
-def masked_mean(x, mask):
-    n = mask.sum()
-    assert n > 0, "masked_mean: the mask selects no element"
-    return (x * mask).sum() / n
-
-
+# the mean and variance; here every statistic is over valid tokens only (masked_mean from divergences.py).
 def masked_var(x, mask):
     return masked_mean((x - masked_mean(x, mask)) ** 2, mask)             # biased, like the reference
 
@@ -86,13 +86,6 @@ def whiten(x, mask, shift_mean=True, eps=1e-8):
     if not shift_mean:
         out = out + mean
     return out * mask                                                     # padding stays 0
-
-
-def last_index(mask):
-    """Index of the last 1 in each row of a (B, N) mask."""
-    assert (mask.sum(-1) > 0).all(), "every sequence needs at least one valid token"
-    N = mask.shape[-1]
-    return (mask.long() * torch.arange(1, N + 1, device=mask.device)).argmax(-1)   # (B,)
 
 
 # ----------------------------------------------------------------------------- Eq. 3, GAE, Eq. 2
@@ -108,7 +101,7 @@ def shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, estimator):
     mask = mask.float()
     penalty = divergences.ESTIMATORS[estimator](logprobs.float(), ref_logprobs.float()) * mask   # (B, N)
     rewards = -kl_coef * penalty
-    last = last_index(mask)                                    # EOS, or the last token if cut off
+    last = llama.last_index(mask)                                    # EOS, or the last token if cut off
     rewards = rewards.scatter_add(1, last[:, None], score.float()[:, None])
     return rewards, penalty
 
@@ -170,95 +163,108 @@ def update_kl_coef(kl_coef, kl, cfg):
 
 # ----------------------------------------------------------------------------- 1. rollout
 
-def response_logits(model, tokens, mask, P, temperature):
-    """Logits (fp32, / temperature) predicting each response token of tokens = prompt (P) + response (N)."""
-    h = model.hidden(tokens, mask)[:, P - 1:-1]                           # (B, N, dim): state before y_t
-    # the head in fp32 even for bf16 weights: bf16 logits would round each log-prob by ~|logit| * 2^-9
-    logits = F.linear(h.float(), model.output.weight.float())             # (B, N, V)
-    return logits / (temperature if temperature > 0 else 1.0)
-
-
-def _device(model):
+def device_of(model):
     return next(model.parameters()).device
 
 
+def response_logits(model, tokens, mask, P, temperature):
+    """Logits (fp32, / temperature) predicting each response token of tokens = prompt (P) + response (N)."""
+    h = model.hidden(tokens, mask)[:, P - 1:-1].float()                   # (B, N, dim): state before y_t
+    # the temperature divides h (dim wide), not the logits (V wide); contiguous, so that the head below is
+    # one matrix product over B * N rows (a strided slice would make it a batched one)
+    h = h / temperature if temperature not in (0, 1) else h.contiguous()
+    # the head in fp32 even for bf16 weights: bf16 logits would round each log-prob by ~|logit| * 2^-9
+    return F.linear(h, model.output.weight.float())                       # (B, N, V)
+
+
 @torch.no_grad()
-def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coef, eos_id, pad_id=0,
-            ref_model=None, generator=None):
-    """Sample responses to left-padded prompts (B, P) and score them; returns (batch, stats).
-
-    kl_coef is the current beta (cfg.kl_coef, or the adaptive controller's value); eos_id None = no EOS.
-    batch holds prompts, prompt_mask (B, P), responses, mask (B, N) and, per response token, logprobs,
-    ref_logprobs, values, rewards, advantages, returns (B, N), 0 on padding; and score (B,).
-    The reference policy is the policy with its adapters off (lora.lora_disabled) unless a separate
-    ref_model is given; ref_model, value_model and reward_model may sit on other devices (tensors are
-    moved explicitly). All models are put in eval mode: no LoRA dropout while sampling and scoring.
-    """
-    for m in (policy, value_model, reward_model, ref_model):
-        if m is not None:
-            m.eval()
-    dev, B, P = prompts.device, prompts.shape[0], prompts.shape[1]
-    shared = getattr(reward_model, "backbone", None) is getattr(value_model, "backbone", False)
-    t0 = time.time()
-
-    # 1a. generate y ~ pi_theta(. | x), in chunks; responses right-padded to a common length N
-    chunks = []
-    for i in range(0, B, cfg.generate_batch_size):
-        out, out_mask, _ = llama.generate(policy, prompts[i:i + cfg.generate_batch_size],
-                                          prompt_mask[i:i + cfg.generate_batch_size], cfg.max_new_tokens,
-                                          temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id,
-                                          pad_id=pad_id, generator=generator)
-        chunks.append((out, out_mask))
+def generate_responses(policy, prompts, prompt_mask, cfg, eos_id, pad_id=0, generator=None):
+    """1a. y ~ pi_theta(. | x) for left-padded prompts (B, P), in chunks of cfg.generate_batch_size.
+    Returns responses (B, N) right-padded to the longest, and their mask (B, N)."""
+    policy.eval()                                                         # no LoRA dropout while sampling
+    chunks = [llama.generate(policy, prompts[i:i + cfg.generate_batch_size],
+                             prompt_mask[i:i + cfg.generate_batch_size], cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
+                             generator=generator, cuda_graph=cfg.cuda_graph and prompts.device.type == "cuda")
+              for i in range(0, prompts.shape[0], cfg.generate_batch_size)]
     N = max(out.shape[1] for out, _ in chunks)
     responses = torch.cat([F.pad(o, (0, N - o.shape[1]), value=pad_id) for o, _ in chunks])    # (B, N)
     mask = torch.cat([F.pad(m, (0, N - m.shape[1]), value=0) for _, m in chunks])              # (B, N)
     assert (mask.sum(1) > 0).all(), "rollout: llama.generate returned an empty response"
-    t1 = time.time()
+    return responses, mask
+
+
+def policy_and_reference(policy, ref_model, tokens, full_mask, responses, mask, P, temperature):
+    """1b. log pi_old(y_t | x, y_<t) and log pi_ref(y_t | x, y_<t) of the sampled tokens (b, N), fp32, plus
+    the exact per-token KL(pi_old || pi_ref) and the policy's entropy (b, N) over the whole vocabulary.
+    The reference is the policy with its adapters off unless a separate ref_model (maybe on another
+    device) is given."""
+    logits = response_logits(policy, tokens, full_mask, P, temperature)                        # (b, N, V)
+    if ref_model is None:
+        with lora.lora_disabled(policy):
+            ref_logits = response_logits(policy, tokens, full_mask, P, temperature)
+    else:
+        rdev = device_of(ref_model)
+        ref_logits = response_logits(ref_model, tokens.to(rdev), full_mask.to(rdev), P, temperature)
+        ref_logits = ref_logits.to(logits.device)
+    return (logprobs_from_logits(logits, responses), logprobs_from_logits(ref_logits, responses),
+            divergences.kl_true(logits, ref_logits, mask), entropy_from_logits(logits))
+
+
+def state_values(value_model, tokens, full_mask, P):
+    """1c. V(x, y_<t) for each response token (b, N), fp32, read from the hidden state just before token t."""
+    vdev = device_of(value_model)
+    return value_model.values(tokens.to(vdev), full_mask.to(vdev))[:, P - 1:-1].float().to(tokens.device)
+
+
+def reward_score(reward_model, tokens, full_mask, eos_id=None):
+    """1d. the reward-model score r(x, y) (b,), fp32, at the last real token (positions from the mask). A reward
+    model trained without EOS (score_eos false: AlpacaFarm's, whose rollout re-tokenizes the response text without
+    special tokens) reads the sequence without its final EOS, so its score is read at the token before. With one
+    device the value model is built on the reward model's own backbone: lora_disabled turns its adapters off
+    for the score (and does nothing to a reward model without adapters)."""
+    if eos_id is not None and not getattr(reward_model, "score_eos", True):
+        last = llama.last_index(full_mask)                                                          # (b,)
+        ends_in_eos = tokens.gather(1, last[:, None]).squeeze(1) == eos_id
+        full_mask = full_mask.masked_fill(F.one_hot(last, tokens.shape[1]).bool() & ends_in_eos[:, None], 0)
+    rdev = device_of(reward_model)
+    with lora.lora_disabled(reward_model):
+        return reward_model(tokens.to(rdev), full_mask.to(rdev)).float().to(tokens.device)
+
+
+@torch.no_grad()
+def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, responses, mask, cfg, kl_coef,
+                  eos_id, ref_model=None):
+    """1b-d for sampled responses, then 2. Eq. 3 rewards and 3. GAE; returns (batch, stats).
+
+    prompts, prompt_mask (B, P) left-padded; responses, mask (B, N) right-padded; kl_coef is the current
+    beta; eos_id None = no EOS. batch holds those four and, per response token, logprobs, ref_logprobs,
+    values, rewards, advantages, returns (B, N), 0 on padding; and score (B,). The models may sit on other
+    devices than the prompts (tensors are moved explicitly). Every forward runs in eval mode (no dropout),
+    in micro-batches so that the (b, N, V) logits of policy and reference live only for one chunk.
+    """
+    for m in (policy, value_model, reward_model, ref_model):
+        if m is not None:
+            m.eval()
+    P = prompts.shape[1]
     tokens = torch.cat([prompts, responses], 1)                                                # (B, P+N)
     full_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
-
-    # 1b-d. one forward per model over prompt + response, in micro-batches so that the (b, N, V) logits of
-    # policy and reference live only for one chunk
-    logprobs, ref_logprobs, true_kl, entropy, values, score = [], [], [], [], [], []
-    for i in range(0, B, cfg.micro_batch_size):
+    parts = []
+    for i in range(0, prompts.shape[0], cfg.micro_batch_size):
         s = slice(i, i + cfg.micro_batch_size)
-        # 1b. log pi_old(y_t | x, y_<t) and log pi_ref(y_t | x, y_<t), fp32
-        logits = response_logits(policy, tokens[s], full_mask[s], P, cfg.temperature)        # (b, N, V)
-        if ref_model is None:
-            with lora.lora_disabled(policy):
-                ref_logits = response_logits(policy, tokens[s], full_mask[s], P, cfg.temperature)
-        else:
-            rdev = _device(ref_model)
-            ref_logits = response_logits(ref_model, tokens[s].to(rdev), full_mask[s].to(rdev), P,
-                                         cfg.temperature).to(dev)
-        logprobs.append(logprobs_from_logits(logits, responses[s]))
-        ref_logprobs.append(logprobs_from_logits(ref_logits, responses[s]))
-        true_kl.append(divergences.kl_true(logits, ref_logits, mask[s]))                     # (b, N)
-        entropy.append(entropy_from_logits(logits))
-        del logits, ref_logits
-        # 1c. values V(x, y_<t), read from the hidden state just before token t
-        vdev = _device(value_model)
-        v = value_model.values(tokens[s].to(vdev), full_mask[s].to(vdev))                     # (b, P+N)
-        values.append(v[:, P - 1:-1].float().to(dev))
-        # 1d. reward-model score r(x, y) at the last real token (positions from the mask). On one device
-        # the value model may be built on the reward model's own backbone; its adapters are then off here.
-        rdev = _device(reward_model)
-        with lora.lora_disabled(reward_model) if shared else contextlib.nullcontext():
-            score.append(reward_model(tokens[s].to(rdev), full_mask[s].to(rdev)).float().to(dev))
-    logprobs, ref_logprobs, true_kl, entropy, values, score = (
-        torch.cat(x) for x in (logprobs, ref_logprobs, true_kl, entropy, values, score))
-    raw_score = score
-    has_eos = (((responses == eos_id) & mask.bool()).any(1) if eos_id is not None
-               else torch.zeros(B, dtype=torch.bool, device=dev))                             # (B,)
+        parts.append((*policy_and_reference(policy, ref_model, tokens[s], full_mask[s], responses[s], mask[s], P,
+                                            cfg.temperature),                                # 1b.
+                      state_values(value_model, tokens[s], full_mask[s], P),                # 1c.
+                      reward_score(reward_model, tokens[s], full_mask[s], eos_id)))         # 1d.
+    logprobs, ref_logprobs, true_kl, entropy, values, score = (torch.cat(x) for x in zip(*parts))
+    raw_score, fmask = score, mask.float()
+    has_eos = ((responses == eos_id) & mask.bool()).any(1) if eos_id is not None else torch.zeros_like(score).bool()
     if cfg.no_eos_penalty is not None:       # responses that never stopped get a fixed, bad score
         score = torch.where(has_eos, score, torch.full_like(score, cfg.no_eos_penalty))
 
     # 2. Eq. 3 shaped rewards, optionally scaled by their std (mean kept), as the reference
-    fmask = mask.float()
-    rewards, penalty = shape_rewards(score, logprobs, ref_logprobs, fmask, kl_coef, cfg.estimator)
-    shaped = rewards
-    if cfg.whiten_rewards:
-        rewards = whiten(rewards, fmask, shift_mean=False)
+    shaped, penalty = shape_rewards(score, logprobs, ref_logprobs, fmask, kl_coef, cfg.estimator)
+    rewards = whiten(shaped, fmask, shift_mean=False) if cfg.whiten_rewards else shaped
     # 3. GAE; returns before, advantages after whitening
     advantages, returns = gae(rewards, values * fmask, fmask, cfg.gamma, cfg.lam)
 
@@ -274,9 +280,6 @@ def rollout(policy, value_model, reward_model, prompts, prompt_mask, cfg, kl_coe
                  response_length=fmask.sum(1).mean().item(),
                  eos_fraction=has_eos.float().mean().item(),
                  kl_coef=kl_coef)
-    # seconds of 1a and of 1b-3 (log-probs, reference, values, score, GAE); the .item() calls above have waited
-    # for the devices
-    stats.update(time_generate=t1 - t0, time_score=time.time() - t1)
     return batch, stats
 
 
@@ -297,7 +300,6 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
     value_model.train()
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
     dev, P = batch["prompts"].device, batch["prompts"].shape[1]
-    vdev = _device(value_model)
     tokens = torch.cat([batch["prompts"], batch["responses"]], 1)                          # (B, P+N)
     full_mask = torch.cat([batch["prompt_mask"], batch["mask"].to(batch["prompt_mask"].dtype)], 1)
     fmask = batch["mask"].float()
@@ -317,8 +319,7 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
                 # log pi_theta(y_t) and V(x, y_<t) under the current parameters (dropout on)
                 logits = response_logits(policy, tokens[mb], full_mask[mb], P, cfg.temperature)  # (b, N, V)
                 mb_logprobs = logprobs_from_logits(logits, batch["responses"][mb])
-                vpred = value_model.values(tokens[mb].to(vdev), full_mask[mb].to(vdev))[:, P - 1:-1]
-                vpred = vpred.float().to(dev)
+                vpred = state_values(value_model, tokens[mb], full_mask[mb], P)                  # (b, N)
                 # 4. Eq. 2 and the clipped value loss
                 pg_loss, pg_stats = policy_loss(mb_logprobs, batch["logprobs"][mb], batch["advantages"][mb],
                                                 mb_mask, cfg.cliprange)

@@ -2,7 +2,7 @@
 The paper's experiment in one flat script: PPO with LoRA on LLaMA (Sun, Gupta & Iyyer 2023, Sec. 3).
 
     torchrun train.py --estimator js                     # no checkpoints: the built-in small world, on CPU
-    torchrun --nproc_per_node=1 train.py --estimator js --policy SFT --reward RM --prompts alpaca.json \
+    torchrun train.py --estimator js --policy SFT --reward RM --prompts alpaca.json \
         --devices cuda:0,cuda:1                          # the paper's placement on two GPUs
     python train.py --preset llama-7b --dry-run          # the memory plan, nothing allocated
     torchrun train.py --estimator js --out out/js --resume   # continue from out/js/checkpoint
@@ -12,261 +12,232 @@ reference and reward model sit on the second (bf16 on GPU). With one device the 
 with its adapters off and the reward model is the value model's backbone with its adapters off: two base
 copies instead of four. `torchrun --nproc_per_node=N` runs N data-parallel ranks; each rolls out its share
 of the batch and the trainable gradients (LoRA + value head) are all-reduced. Outputs: OUT/metrics.jsonl
-(one JSON line per step), OUT/checkpoint (atomic, for --resume), OUT/adapter (the final policy adapter).
+(one JSON line per step), OUT/checkpoint (for --resume), OUT/adapter (the final policy adapter, PEFT layout).
 """
+import os
+
+# Torch picks its vectorized CPU kernels by the processor (AVX2 or AVX-512), and the two round differently,
+# enough for a training run to end elsewhere. Pinning AVX2 (every x86-64 CPU since 2013) makes a CPU run
+# independent of whether the machine has AVX-512; set ATEN_CPU_CAPABILITY yourself to choose otherwise.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
 import argparse
-import copy
+import dataclasses
 import datetime
 import json
-import os
-import shutil
+import math
 import sys
 import time
+import typing
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+import checkpoints
 import divergences
 import llama
 import lora
+import plan
 import ppo
-from reward import RewardModel, ValueModel
+import rundir
+from ppo import knob
+from reward import ValueModel
 
-# the paper's settings (../shared/REFERENCE.md); the built-in small world overrides the sizes in WORLD
-PAPER = dict(kl_coef=0.02, lora_rank=8, lora_alpha=64, lora_dropout=0.1, rollout_batch_size=256,
-             step_batch_size=128, micro_batch_size=16, ppo_epochs=2, lr=1e-5, warmup_steps=5, steps=100,
-             max_new_tokens=300, max_prompt_tokens=192, temperature=1.0, top_p=1.0, eval_every=20, save_every=10)
-WORLD = dict(PAPER, rollout_batch_size=64, step_batch_size=32, micro_batch_size=32, lr=5e-4, steps=10,
-             max_new_tokens=96, max_prompt_tokens=64, eval_every=5, save_every=10)
+
+@dataclass
+class Args(ppo.PPOConfig):
+    """Every knob of a run, with the paper's default; the PPO knobs (Eq. 2, Eq. 3, GAE) come from ppo.PPOConfig."""
+    policy: str | None = knob(None, "SFT checkpoint (Hugging Face or Meta layout); without --policy, --reward "
+                                    "and --prompts the built-in small world is built and used")
+    reward: str | None = knob(None, "reward-model checkpoint (AlpacaFarm layout)")
+    prompts: str | None = knob(None, "PPO prompts: a JSON list or JSONL of {instruction, input} records")
+    eval_prompts: str | None = knob(None, "held-out prompts; greedy outputs are written as AlpacaEval JSON")
+    tokenizer: str | None = knob(None, "tokenizer.model (default: the one in --policy)")
+    max_prompt_tokens: int = knob(192, "longer prompts are dropped, as in the reference")
+    lora_rank: int = knob(8, "k in Eq. 1, for the policy and the value model")
+    lora_alpha: float = knob(64.0, "alpha in Eq. 1 (the LoRA update is scaled by alpha / k)")
+    lora_dropout: float = knob(0.1, "dropout on the LoRA path")
+    lr: float = knob(1e-5, "AdamW learning rate (betas 0.9, 0.999, eps 1e-5, no weight decay)")
+    warmup_steps: int = knob(5, "linear warm-up from lr/5 over these PPO steps, then linear decay to 0 at --decay-steps")
+    decay_steps: int | None = knob(780, "the step at which the decayed lr reaches 0: the paper's whole configured "
+                                        "schedule, 10 epochs x ~20k prompts / 256, of which it ran 100 (None: --steps)")
+    steps: int = knob(100, "PPO steps")
+    rollout_batch_size: int = knob(256, "prompts rolled out per PPO step, over all ranks")
+    eval_every: int = knob(20, "evaluate on --eval-prompts every this many steps")
+    save_every: int = knob(10, "write OUT/checkpoint every this many steps")
+    devices: str | None = knob(None, "policy device[,frozen-models device], e.g. cuda:0,cuda:1 (default: GPUs, else cpu)")
+    out: str = knob("out/run", "output directory")
+    seed: int = knob(0, "PPO seed (sampling, dropout, LoRA init)")
+    resume: bool = knob(False, "continue from OUT/checkpoint")
+    dry_run: bool = knob(False, "print the placement and memory plan without allocating")
+    preset: str | None = knob(None, "with --dry-run: a llama.PRESETS name instead of checkpoints (e.g. llama-7b)")
+    world_dir: str = knob(".world", "where the built-in small world is built")
+    world_seed: int = knob(0, "the small world's seed (its SFT and reward models); PPO seeds vary with --seed, as "
+                              "the paper's three runs share one SFT model")
+    activation_checkpointing: bool | None = knob(None, "recompute each block in backward instead of keeping its "
+                                                     "activations (default: on where the plan says the update "
+                                                     "would not fit the CUDA device without it)")
+
+
+# the built-in small world: small batches, a higher learning rate, room for responses to grow past ~75 tokens
+WORLD = dataclasses.replace(Args(), rollout_batch_size=64, step_batch_size=32, micro_batch_size=32, lr=5e-4,
+                            steps=10, decay_steps=None, max_new_tokens=96, max_prompt_tokens=64, eval_every=5)
+# a resumed run must be the same experiment: every flag but these must match the checkpoint's
+MAY_CHANGE_ON_RESUME = ("steps", "out", "devices", "resume", "eval_every", "save_every", "activation_checkpointing",
+                        "cuda_graph")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="PPO with LoRA (Sun et al. 2023).")
-    a = p.add_argument
-    a("--estimator", default="kl", help=f"divergence penalty D in Eq. 3: {', '.join(divergences.ESTIMATORS)}")
-    a("--kl-coef", type=float, help="beta in Eq. 3 (paper 0.02; 0 = no regularization)")
-    a("--adaptive-kl", action="store_true", help="AlpacaFarm's adaptive beta controller (off in the paper)")
-    a("--policy", help="SFT checkpoint (HF or Meta layout); none of --policy/--reward/--prompts = small world")
-    a("--reward", help="reward-model checkpoint (AlpacaFarm layout)")
-    a("--prompts", help="JSON list or JSONL of {instruction, input} records")
-    a("--eval-prompts", help="held-out prompts (same format); greedy outputs are written as AlpacaEval JSON")
-    a("--tokenizer", help="tokenizer.model (default: the one in --policy)")
-    a("--lora-rank", type=int), a("--lora-alpha", type=float), a("--lora-dropout", type=float)
-    a("--rollout-batch-size", type=int), a("--step-batch-size", type=int), a("--micro-batch-size", type=int)
-    a("--ppo-epochs", type=int), a("--lr", type=float), a("--warmup-steps", type=int), a("--steps", type=int)
-    a("--max-new-tokens", type=int), a("--max-prompt-tokens", type=int)
-    a("--temperature", type=float), a("--top-p", type=float)
-    a("--no-eos-penalty", type=float, help="score for responses that never emit EOS (off by default)")
-    a("--eval-every", type=int), a("--save-every", type=int)
-    a("--devices", help="policy device[,frozen-models device], e.g. cuda:0,cuda:1 (default: GPUs if any, else cpu)")
-    a("--out", default="out/run"), a("--seed", type=int, default=0)
-    a("--resume", action="store_true", help="continue from OUT/checkpoint")
-    a("--dry-run", action="store_true", help="print the placement and memory plan without allocating")
-    a("--preset", help="with --dry-run: a llama.PRESETS name instead of checkpoints (e.g. llama-7b)")
-    a("--world-dir", default=".world", help="cache of the built-in small world")
-    a("--world-seed", type=int, default=0, help="seed of the small world (its SFT and reward models); PPO seeds "
-                                                "vary with --seed, as the paper's three runs on one SFT model")
-    args = p.parse_args(argv)
-    given = [x is not None for x in (args.policy, args.reward, args.prompts)]
-    if any(given) and not all(given):
+    """Flags from Args' fields; those not given come from WORLD (no checkpoints given) or the paper's Args()."""
+    p = argparse.ArgumentParser(description="PPO with LoRA (Sun et al. 2023). Defaults are the paper's; the small "
+                                "world changes " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                dataclasses.asdict(WORLD).items() if v != getattr(Args(), k)))
+    for f in dataclasses.fields(Args):
+        kind = next(t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None))
+        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        else:
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=kind.__name__.upper())
+    given = vars(p.parse_args(argv))
+    world = not any(k in given for k in ("policy", "reward", "prompts", "preset"))
+    args = dataclasses.replace(WORLD if world else Args(), **given)
+    check_args(args, world)
+    return args, world
+
+
+def check_args(args, world):
+    """Every flag in range, or one line naming it."""
+    if not world and not args.preset and not (args.policy and args.reward and args.prompts):
         raise ValueError("give --policy, --reward and --prompts together, or none of them for the small world")
-    args.world = not any(given) and args.preset is None
-    for k, v in (WORLD if args.world else PAPER).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    divergences.get_estimator(args.estimator)  # unknown names: one line listing the valid ones
-    if args.dry_run and args.world:
+    if args.dry_run and world:
         raise ValueError("--dry-run needs --preset NAME (e.g. llama-7b) or --policy/--reward/--prompts")
     if args.preset and not args.dry_run:
         raise ValueError("--preset only plans memory (--dry-run); training needs --policy/--reward/--prompts")
-    for flag in ("lora_rank", "steps", "ppo_epochs", "max_new_tokens", "max_prompt_tokens", "eval_every", "save_every"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if not 0 <= args.lora_dropout < 1:
-        raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
-    return args
+    divergences.get_estimator(args.estimator)  # unknown names: one line listing the valid ones
+    finite = lambda v: v is None or math.isfinite(v)
+    rules = [("kl_coef", lambda v: finite(v) and v >= 0, "a finite number >= 0 (--estimator negative_kl "
+                                                         "rewards divergence)"),
+             ("lora_alpha", lambda v: finite(v) and v > 0, "a finite number > 0"),
+             ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+             ("lr", lambda v: finite(v) and v > 0, "a finite number > 0"),
+             ("temperature", lambda v: finite(v) and v >= 0, "a finite number >= 0 (0 = greedy)"),
+             ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+             ("no_eos_penalty", finite, "a finite number"),
+             ("warmup_steps", lambda v: v >= 0, "at least 0")]
+    rules += [(k, lambda v: v >= 1, "at least 1") for k in
+              ("lora_rank", "steps", "ppo_epochs", "max_new_tokens", "max_prompt_tokens", "eval_every",
+               "save_every", "rollout_batch_size", "step_batch_size", "micro_batch_size", "generate_batch_size")]
+    rules += [("decay_steps", lambda v: v is None or v >= args.steps, f"at least --steps {args.steps} (the lr is 0 "
+                                                                       f"from --decay-steps on)")]
+    for name, ok, what in rules:
+        if not ok(getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
 
 
 def check_batches(args, world_size):
-    per_rank = args.rollout_batch_size // world_size
     for what, n, d in (("--rollout-batch-size", args.rollout_batch_size, world_size),
                        ("--rollout-batch-size", args.rollout_batch_size, args.step_batch_size),
                        ("--step-batch-size", args.step_batch_size, world_size),
                        ("--step-batch-size per rank", args.step_batch_size // world_size, args.micro_batch_size)):
-        if n <= 0 or d <= 0 or n % d:
+        if n % d:
             raise ValueError(f"{what} = {n} is not divisible by {d} (rollout = k x step batch, step batch = "
                              f"ranks x micro-batches x k)")
-    return per_rank
+    return args.rollout_batch_size // world_size
 
 
 def pick_devices(spec, local_rank, local_world):
-    if spec:
+    if spec is not None:
         devs = spec.split(",")
     elif torch.cuda.is_available():
         per = 2 if torch.cuda.device_count() >= 2 * local_world else 1
         devs = [f"cuda:{local_rank * per + i}" for i in range(per)]
     else:
         devs = ["cpu"]
-    if spec and local_rank > 0:  # the pair named is rank 0's; rank r takes the next free pair
-        devs = [f"cuda:{int(d.split(':')[1]) + local_rank * len(set(devs))}" if d.startswith("cuda:") else d for d in devs]
-    if len(devs) > 2:
-        raise ValueError(f"--devices {spec}: give one or two devices")
+    if not 1 <= len(devs) <= 2:
+        raise ValueError(f"--devices {spec!r}: give one or two devices")
     for d in devs:
         try:
             dev = torch.device(d)
         except RuntimeError:
             raise ValueError(f"--devices: {d!r} is not a device name") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"--devices: {d} is not supported (cpu or cuda:N)")
         if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
             raise ValueError(f"--devices: {d} does not exist on this machine "
                              f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA devices)")
+    if spec is not None and local_rank > 0:  # the pair named is rank 0's; rank r takes the next free pair
+        devs = [f"cuda:{int(d.split(':')[1]) + local_rank * len(set(devs))}" if d.startswith("cuda:") else d
+                for d in devs]
     return [torch.device(d) for d in devs]
 
 
-def read_prompts(file):
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"prompts file {file} does not exist")
-    text = open(file).read()
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: malformed JSON ({e})") from None
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or \
-                not isinstance(r.get("input", ""), (str, type(None))):
-            raise ValueError(f"{file}: record {i} needs a string 'instruction' (and optional string 'input')")
-    if not records:
-        raise ValueError(f"{file}: no records")
-    return records
+def read_prompts(args, tokenizer, log):
+    """PPO prompts as token lists in the Alpaca template (longer than --max-prompt-tokens dropped, as the
+    reference does), and the held-out records."""
+    records = checkpoints.read_prompts(args.prompts)
+    prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"])) for r in records]
+    kept = [p for p in prompts if len(p) <= args.max_prompt_tokens]
+    log(f"prompts: {len(kept)} of {len(prompts)} from {args.prompts} (dropped {len(prompts) - len(kept)} longer "
+        f"than {args.max_prompt_tokens} tokens)")
+    if not kept:
+        raise ValueError(f"{args.prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
+    return kept, checkpoints.read_prompts(args.eval_prompts) if args.eval_prompts else None
 
 
-# ----------------------------------------------------------------------------- memory plan (--dry-run)
-
-def dry_run(args, devices):
-    gib = lambda n: f"{n / 2**30:8.2f}"
-    pcfg = llama.get_preset(args.preset) if args.preset else llama.read_config(args.policy)
-    rcfg = pcfg  # AlpacaFarm's reward model has the SFT model's shape; ours carry it in config.json
-    if args.reward and not args.preset:
-        try:
-            rcfg = llama.read_config(args.reward)
-        except ValueError:
-            pass
-    with torch.device("meta"):  # build the real modules, allocate nothing
-        policy = llama.Llama(pcfg)
-        lora.add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, lora_dtype=torch.float32)
-        reward = RewardModel(rcfg)
-        value = ValueModel(RewardModel(rcfg).backbone, args.lora_rank, args.lora_alpha, args.lora_dropout,
-                           lora_dtype=torch.float32)
-    gpu = devices[0].type == "cuda" or args.preset is not None  # a preset plans for GPUs
-    wbytes = 2 if gpu else 4  # frozen weights: bf16 on GPU, fp32 on CPU
-    frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
-    trainable = sum(lora.count_parameters(m)[0] for m in (policy, value))
-    base = frozen(policy)
-    print(f"policy LoRA {lora.count_parameters(policy)[0]:,} + value LoRA {lora.count_parameters(value.backbone)[0]:,}"
-          f" + value head {value.value_head.weight.numel() + value.value_head.bias.numel()} = {trainable:,} "
-          f"trainable, {100 * trainable / base:.3f}% of the {base:,} parameters of the base model")
-    train_b = trainable * (4 + 4 + 8)  # fp32 weights, fp32 grads, Adam's two fp32 moments
-    base_b = (frozen(policy) + frozen(value)) * wbytes
-    names = [str(d) for d in devices] if len(devices) == 2 else (["cuda:0", "cuda:1"] if gpu else ["cpu", "cpu"])
-    print(f"{'placement':12s} {'device':8s} {'holds':48s} {'weights':>8s} {'trainable+grads+Adam':>21s}  (GiB)")
-    print(f"{'two-device':12s} {names[0]:8s} {'policy + LoRA, value + LoRA + head':48s} {gib(base_b)} {gib(train_b):>21s}")
-    print(f"{'':12s} {names[1]:8s} {'reference, reward model':48s} "
-          f"{gib((base + sum(p.numel() for p in reward.parameters())) * wbytes)}")
-    print(f"{'one-device':12s} {names[0]:8s} {'policy (= reference), value (= reward) + heads':48s} "
-          f"{gib(base_b + (rcfg.dim + 1) * wbytes)} {gib(train_b):>21s}")
-    # activations: the KV cache of one generation chunk, exactly; for training, saved_bytes_per_token_layer() for
-    # each layer and token of both models, plus the policy's fp32 response logits, three copies. 7B, micro-batch 8:
-    # 43.3 GiB estimated; on an H100 (bench.py --ppo) the update's peak was 69.2 GiB, 25.2 of them weights.
-    T, b, w = args.max_prompt_tokens + args.max_new_tokens, args.micro_batch_size, wbytes
-    kv_dim = (pcfg.n_kv_heads or pcfg.n_heads) * (pcfg.dim // pcfg.n_heads)
-    kv = 2 * pcfg.n_layers * ppo.PPOConfig.generate_batch_size * T * kv_dim * w
-    act = (2 * pcfg.n_layers * b * T * saved_bytes_per_token_layer(pcfg, w)
-           + 3 * b * args.max_new_tokens * pcfg.vocab_size * 4)
-    print(f"activations: KV cache for {ppo.PPOConfig.generate_batch_size} sequences x {T} tokens {gib(kv).strip()} "
-          f"GiB; training micro-batch of {b} x {T} tokens (policy + value) ~{gib(act).strip()} GiB (estimate)")
+def load_models(args, devices):
+    """(policy, reference or None, reward model, value model) in the paper's placement (bf16 on GPU)."""
+    dev, frozen_dev = devices[0], devices[-1]
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    lora_kw = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lora_dtype=torch.float32)
+    policy = checkpoints.load_llama(args.policy, dev, dtype)
+    lora.add_lora(policy, **lora_kw)
+    frozen = lambda m: m.requires_grad_(False).eval()
+    if len(devices) == 2:
+        ref = frozen(checkpoints.load_llama(args.policy, frozen_dev, dtype))
+        reward_model = frozen(checkpoints.load_reward_model(args.reward, frozen_dev, dtype))
+        value = ValueModel(checkpoints.load_reward_model(args.reward, dev, dtype).backbone, **lora_kw)
+    else:  # reference = policy with adapters off, reward model = value backbone with adapters off
+        ref, reward_model = None, frozen(checkpoints.load_reward_model(args.reward, dev, dtype))
+        value = ValueModel(reward_model.backbone, **lora_kw)
+    if args.max_prompt_tokens + args.max_new_tokens > policy.cfg.max_seq_len:
+        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
+                         f"exceed the policy's context of {policy.cfg.max_seq_len} tokens")
+    return policy, ref, reward_model, value
 
 
-def saved_bytes_per_token_layer(cfg, w):
-    """What autograd keeps per token and layer when training LoRA on wq, wk, wv, wo (frozen projections keep
-    no input), w = weight bytes: both RMSNorms' fp32 inputs (8 dim), LoRA dropout's output and 1-byte mask on the
-    4 projections (4 (w + 1) dim), SDPA's q, k, v and output (4 w dim; grouped-query k, v are repeated first)
-    and SwiGLU's gate, up and silu outputs (3 w hidden_dim). Small terms (rank-8 intermediates, SDPA's
-    log-sum-exp) are left out."""
-    return 8 * cfg.dim + 4 * (w + 1) * cfg.dim + 4 * w * cfg.dim + 3 * w * cfg.hidden_dim
+# ----------------------------------------------------------------------------- the loop's helpers
+
+def lr_schedule(args):
+    # linear warm-up from lr/5 (the first step is not wasted), then linear decay to 0 at --decay-steps (the paper's
+    # fork decays over its whole configured schedule: at step 100 of 780 the rate is still 0.88 lr), or at --steps
+    end = args.decay_steps or args.steps
+    return lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (end - s) / max(1, end - args.warmup_steps)))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def trainable_tensors(policy, value):
-    out = {f"policy.{n}": p for n, p in policy.named_parameters() if p.requires_grad}
-    out.update({f"value.{n}": p for n, p in value.named_parameters() if p.requires_grad})
-    return out
+def batch_prompts(prompts, pos, n, seed):
+    """The n prompts after position pos of an endless stream: a fresh shuffle per pass, from the seed."""
+    order = lambda epoch: torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return [prompts[order(i // len(prompts))[i % len(prompts)]] for i in range(pos, pos + n)]
 
 
-def snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator):
-    """Everything a run needs to continue exactly, copied to CPU (also kept in memory to survive a NaN)."""
-    return dict(trainable={n: p.detach().cpu().clone() for n, p in trainable_tensors(policy, value).items()},
-                optimizer=copy.deepcopy(optimizer.state_dict()), scheduler=scheduler.state_dict(), step=step,
-                pos=pos, kl_coef=kl_coef, rng=torch.get_rng_state(), gen_rng=generator.get_state().cpu(),
-                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+def sync_grads(params, world_size):
+    # the mean of the ranks' gradients, so every rank takes the same optimizer step
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world_size
 
 
-def save_checkpoint(state, out, rank, args, policy):
-    """All ranks write their RNG into a temporary directory, rank 0 the rest; then one rename publishes it,
-    so a crash leaves either the old checkpoint or the new one, never half of one."""
-    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    shared = {k: v for k, v in state.items() if k not in ("rng", "gen_rng", "cuda_rng")}
-    torch.save({k: state[k] for k in ("rng", "gen_rng", "cuda_rng")}, os.path.join(tmp, f"rng-rank{rank}.pt"))
-    if rank == 0:
-        torch.save(dict(shared, args=vars(args)), os.path.join(tmp, "state.pt"))
-        lora.save_adapter(policy, os.path.join(tmp, "policy_adapter"))  # also usable on its own (PEFT layout)
-    barrier()
-    if rank == 0:
-        old = final + ".old"
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def load_checkpoint(out, rank):
-    path = os.path.join(out, "checkpoint")
-    if not os.path.exists(path) and os.path.exists(path + ".old"):  # a crash between the two renames
-        path += ".old"
-    for f in ("state.pt", f"rng-rank{rank}.pt"):
-        if not os.path.exists(os.path.join(path, f)):
-            raise FileNotFoundError(f"--resume: {os.path.join(path, f)} is missing (no checkpoint, or one "
-                                    f"written by a run with another number of ranks)")
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    state.update(torch.load(os.path.join(path, f"rng-rank{rank}.pt"), map_location="cpu", weights_only=True))
-    return state
-
-
-# a resumed run must be the same experiment: these flags may not change (--steps, --out, --devices may)
-SAME_ON_RESUME = ("estimator", "kl_coef", "adaptive_kl", "policy", "reward", "prompts", "lora_rank", "lora_alpha",
-                  "lora_dropout", "rollout_batch_size", "step_batch_size", "micro_batch_size", "ppo_epochs", "lr",
-                  "warmup_steps", "max_new_tokens", "max_prompt_tokens", "temperature", "top_p", "seed")
-
-
-def restore(state, policy, value, optimizer, scheduler, generator):
-    params = trainable_tensors(policy, value)
-    if set(params) != set(state["trainable"]):
-        raise ValueError("--resume: the checkpoint's trainable tensors do not match this run's (LoRA rank or "
-                         "targets changed?)")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state["trainable"][n])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    generator.set_state(state["gen_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+def mean_over_ranks(stats, world_size, dev):
+    if world_size == 1:
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return {k: v / world_size for k, v in zip(keys, t.tolist())}
 
 
 def barrier():
@@ -274,239 +245,199 @@ def barrier():
         dist.barrier()
 
 
-# ----------------------------------------------------------------------------- evaluation
-
 @torch.no_grad()
 def evaluate(policy, ref, reward_model, tokenizer, records, args, dev):
-    """Greedy responses to held-out prompts: mean reward score, exact KL to the reference, length."""
+    """Greedy responses to held-out prompts: their texts, and the mean reward score, exact KL to the
+    reference (per response) and length."""
     policy.eval()
     texts, score, kl, length = [], [], [], []
     for i in range(0, len(records), args.micro_batch_size):
         batch = records[i:i + args.micro_batch_size]
-        tokens, mask = llama.left_pad([tokenizer.encode(llama.alpaca_prompt(r["instruction"], r.get("input") or ""))
+        tokens, mask = llama.left_pad([tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))
                                        for r in batch], tokenizer.pad_id)
         tokens, mask = tokens.to(dev), mask.to(dev)
-        out, out_mask, _ = llama.generate(policy, tokens, mask, args.max_new_tokens, temperature=0,
-                                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        out, out_mask = llama.generate(policy, tokens, mask, args.max_new_tokens, temperature=0,
+                                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         full, full_mask = torch.cat([tokens, out], 1), torch.cat([mask, out_mask], 1)
-        P, fmask = tokens.shape[1], out_mask.float()
-        logits = ppo.response_logits(policy, full, full_mask, P, 1.0)
-        if ref is None:
-            with lora.lora_disabled(policy):
-                ref_logits = ppo.response_logits(policy, full, full_mask, P, 1.0)
-        else:
-            rdev = next(ref.parameters()).device
-            ref_logits = ppo.response_logits(ref, full.to(rdev), full_mask.to(rdev), P, 1.0).to(dev)
-        kl.append((divergences.kl_true(logits, ref_logits, fmask) * fmask).sum(1))
-        rdev = next(reward_model.parameters()).device
-        with lora.lora_disabled(reward_model):
-            score.append(reward_model(full.to(rdev), full_mask.to(rdev)).float().cpu())
-        length.append(fmask.sum(1))
+        _, _, true_kl, _ = ppo.policy_and_reference(policy, ref, full, full_mask, out, out_mask, tokens.shape[1], 1.0)
+        score.append(ppo.reward_score(reward_model, full, full_mask, tokenizer.eos_id).cpu())
+        kl.append((true_kl * out_mask).sum(1).cpu())
+        length.append(out_mask.sum(1).float().cpu())
         texts += [tokenizer.decode([t for t, m in zip(o, om) if m]).strip() for o, om in zip(out.tolist(), out_mask.tolist())]
-    cat = lambda xs: torch.cat([x.float().cpu() for x in xs])
-    stats = dict(eval_score=cat(score).mean().item(), eval_true_kl=cat(kl).mean().item(),
-                 eval_length=cat(length).mean().item())
-    return texts, stats
+    return texts, dict(eval_score=torch.cat(score).mean().item(), eval_true_kl=torch.cat(kl).mean().item(),
+                       eval_length=torch.cat(length).mean().item())
+
+
+def run_eval(step, policy, ref, reward_model, tokenizer, records, args, dev, rank, world=None):
+    """evaluate(), the small world's annotator if there is one, and OUT/eval/stepNNNN.json (AlpacaEval)."""
+    texts, stats = evaluate(policy, ref, reward_model, tokenizer, records, args, dev)
+    if world is not None:  # the simulated annotator: win rate against the reference outputs
+        stats["eval_win_rate"], stats["eval_win_rate_se"] = world.win_rate(records, texts,
+                                                                           [r["output"] for r in records])
+        stats["eval_accuracy"] = sum(world.check(r, t) for r, t in zip(records, texts)) / len(texts)
+    if rank == 0:
+        os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
+        checkpoints.write_alpaca_eval(os.path.join(args.out, "eval", f"step{step:04d}.json"), records, texts,
+                                      f"lora-rlhf-{args.estimator}-step{step}")
+    return stats
+
+
+def save(state, args, rank, policy):
+    rundir.save_checkpoint(state, dataclasses.asdict(args), args.out, rank, barrier,
+                           lambda path: checkpoints.save_adapter(policy, path))
+
+
+def console_line(step, steps, stats, seconds):
+    # score: the reward model's; penalty: mean D_t per token; true KL: exact, per response; len: tokens incl.
+    # EOS; loss: policy + vf_coef x value loss; tok/s: response tokens sampled and trained per second
+    line = (f"step {step:3d}/{steps} | score {stats['score']:+.3f} | penalty {stats['penalty']:+.4f} | "
+            f"true KL {stats['true_kl']:.2f} | len {stats['response_length']:.1f} | loss {stats['loss']:+.3f} | "
+            f"{stats['tokens_per_s']:.0f} tok/s | {seconds:.1f}s")
+    return line + ("\n" + eval_line(stats) if "eval_score" in stats else "")
+
+
+def eval_line(stats):
+    # the greedy responses to the held-out prompts (and, in the small world, the gold annotator's verdicts)
+    win = (f" | win rate {stats['eval_win_rate']:.3f} +- {stats['eval_win_rate_se']:.3f} | accuracy "
+           f"{stats['eval_accuracy']:.3f}" if "eval_win_rate" in stats else "")
+    return (f"   eval | score {stats['eval_score']:+.3f} | true KL {stats['eval_true_kl']:.2f} | len "
+            f"{stats['eval_length']:.1f}" + win)
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    args = parse_args(argv)
+    # 1. config: flags, ranks, devices
+    args, world = parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     per_rank = check_batches(args, world_size)
     devices = pick_devices(args.devices, local_rank, local_world)
     if args.dry_run:
-        return dry_run(args, devices)
-    dev, frozen_dev = devices[0], devices[-1]
+        return plan.print_plan(args, devices)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:  # OUT first: a bad --out, or another run writing there, ends here before any work
+        note = rundir.claim(args.out)
+        if note:
+            log(note)
+    dev = devices[0]
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     elif local_world > 1:  # CPU ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world_size > 1:
-        # generous timeout: rank 0 may build the small world while the others wait at a barrier
+    if world_size > 1:  # generous timeout: rank 0 may build the small world while the others wait at a barrier
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
-    log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(args.seed + rank)  # LoRA dropout differs per rank; the LoRA init below is re-seeded
 
-    # 1. data: the built-in small world, or real checkpoints and prompts
+    # 2. data: the built-in small world, or real checkpoints and prompts
     world_eval = None
-    if args.world:
-        import world
+    if world:  # rank 0 builds it (once); the others wait, then read the finished directory
+        import world as world_eval
         world_dir = os.path.join(args.world_dir, f"seed{args.world_seed}")
-        paths = world.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
-        barrier()  # rank 0 built it; the others read the finished directory
-        if rank > 0:
-            paths = world.bootstrap(world_dir, seed=args.world_seed, log=None)
-        args.policy, args.reward, args.prompts = paths["policy"], paths["reward"], paths["prompts"]
-        args.eval_prompts, world_eval = paths["eval"], world
+        paths = world_eval.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
+        barrier()
+        paths = paths or world_eval.bootstrap(world_dir, seed=args.world_seed, log=None)
+        args = dataclasses.replace(args, policy=paths["policy"], reward=paths["reward"], prompts=paths["prompts"],
+                                   eval_prompts=paths["eval"])
     tokenizer = llama.Tokenizer(args.tokenizer or os.path.join(args.policy, "tokenizer.model"))
-    records = read_prompts(args.prompts)
-    prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r.get("input") or "")) for r in records]
-    kept = [p for p in prompts if len(p) <= args.max_prompt_tokens]
-    log(f"prompts: {len(kept)} of {len(prompts)} from {args.prompts} (dropped {len(prompts) - len(kept)} longer "
-        f"than {args.max_prompt_tokens} tokens)")
-    if not kept:
-        raise ValueError(f"{args.prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
-    eval_records = read_prompts(args.eval_prompts) if args.eval_prompts else None
+    kept, eval_records = read_prompts(args, tokenizer, log)
 
-    # 2. models and placement: policy + value train on `dev`; reference + reward model frozen on `frozen_dev`
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    lora_kw = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lora_dtype=torch.float32)
+    # 3. models and placement: policy + value train on devices[0]; reference + reward model frozen on devices[-1]
     torch.manual_seed(args.seed)  # identical LoRA A init on every rank
-    policy = llama.Llama.from_pretrained(args.policy, dev, dtype)
-    lora.add_lora(policy, **lora_kw)
-    if len(devices) == 2:
-        ref = llama.Llama.from_pretrained(args.policy, frozen_dev, dtype).requires_grad_(False).eval()
-        reward_model = RewardModel.from_pretrained(args.reward, frozen_dev, dtype).requires_grad_(False).eval()
-        value = ValueModel.from_reward_model(args.reward, dev, dtype, **lora_kw)
-    else:  # reference = policy with adapters off, reward model = value backbone with adapters off
-        ref = None
-        reward_model = RewardModel.from_pretrained(args.reward, dev, dtype).requires_grad_(False).eval()
-        value = ValueModel(reward_model.backbone, **lora_kw)
-    if args.max_prompt_tokens + args.max_new_tokens > policy.cfg.max_seq_len:
-        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
-                         f"exceed the policy's context of {policy.cfg.max_seq_len} tokens")
-    torch.manual_seed(args.seed + rank)
+    policy, ref, reward_model, value = load_models(args, devices)
+    policy.activation_checkpointing = value.backbone.activation_checkpointing = plan.use_checkpointing(args, dev)
+    torch.manual_seed(args.seed + rank)  # LoRA dropout and sampling differ per rank
     params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
-    log(f"devices: policy + value on {dev}, reference + reward model on {frozen_dev}"
+    n_policy = lora.count_parameters(policy)[0]
+    log(f"devices: policy + value on {dev}, reference + reward model on {devices[-1]}"
         + ("" if len(devices) == 2 else " (reference = policy with adapters off, reward = value backbone with "
-           "adapters off)") + f"; {dtype}; {world_size} rank(s)")
-    log(f"trainable: {n_train:,} (policy LoRA {lora.count_parameters(policy)[0]:,}, value LoRA + head "
-        f"{n_train - lora.count_parameters(policy)[0]:,}) of {lora.count_parameters(policy)[1]:,} policy parameters")
+           "adapters off)") + f"; {policy.output.weight.dtype}; {world_size} rank(s); activation checkpointing "
+        + ("on" if policy.activation_checkpointing else "off"))
+    log(f"trainable: {sum(p.numel() for p in params):,} (policy LoRA {n_policy:,}, value LoRA + head "
+        f"{sum(p.numel() for p in params) - n_policy:,}) of {lora.count_parameters(policy)[1]:,} policy parameters")
     if world_size > 1:  # every rank must start from identical trainable weights
         for p in params:
             dist.broadcast(p.data, 0)
 
-    # 3. optimizer: AdamW, warm-up over the first PPO steps then linear decay to 0 (REFERENCE.md)
+    # 4. optimizer: AdamW, warm-up then linear decay (lr_schedule)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0)
-    schedule = lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (args.steps - s) / max(1, args.steps - args.warmup_steps)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    cfg = ppo.PPOConfig(kl_coef=args.kl_coef, estimator=args.estimator, adaptive_kl=args.adaptive_kl,
-                        no_eos_penalty=args.no_eos_penalty, ppo_epochs=args.ppo_epochs,
-                        rollout_batch_size=per_rank, step_batch_size=args.step_batch_size // world_size,
-                        micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args))
+    cfg = dataclasses.replace(args, step_batch_size=args.step_batch_size // world_size)  # per rank
     generator = torch.Generator(dev).manual_seed(1000 * args.seed + rank)
+    sync = (lambda: sync_grads(params, world_size)) if world_size > 1 else None
 
-    def sync_grads():  # mean of the ranks' gradients, so every rank takes the same optimizer step
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world_size
-
-    def mean_over_ranks(stats):
-        if world_size == 1:
-            return stats
-        keys = sorted(stats)
-        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=dev)
-        dist.all_reduce(t)
-        return {k: v / world_size for k, v in zip(keys, t.tolist())}
-
-    # 4. resume
+    # 5. resume, or start without touching an earlier run's files
     step, pos, kl_coef = 0, 0, args.kl_coef
-    os.makedirs(args.out, exist_ok=True)
     metrics_file = os.path.join(args.out, "metrics.jsonl")
     if args.resume:
-        state = load_checkpoint(args.out, rank)
-        changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in SAME_ON_RESUME
-                   if state["args"].get(k) != getattr(args, k)]
+        state = rundir.load_checkpoint(args.out, rank)
+        changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {v}" for k, v in dataclasses.asdict(args).items()
+                   if k not in MAY_CHANGE_ON_RESUME and state["args"].get(k) != v]
         if changed:
             raise ValueError(f"--resume: {args.out}/checkpoint was written with other settings: {'; '.join(changed)}")
-        restore(state, policy, value, optimizer, scheduler, generator)
+        rundir.restore(state, policy, value, optimizer, scheduler, generator)
         step, pos, kl_coef = state["step"], state["pos"], state["kl_coef"]
-        if rank == 0 and os.path.exists(metrics_file):  # drop lines logged after the checkpoint
-            lines = [l for l in open(metrics_file) if l.endswith("\n") and json.loads(l)["step"] <= step]
-            with open(metrics_file + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(metrics_file + ".tmp", metrics_file)
-        log(f"resumed from {args.out}/checkpoint at step {step}")
-    elif rank == 0:  # a new run never overwrites an earlier one in OUT: its files move to OUT/previous-N
-        ours = [f for f in ("metrics.jsonl", "checkpoint", "checkpoint.old", "adapter", "eval")
-                if os.path.exists(os.path.join(args.out, f))]
-        if ours:
-            n = 1
-            while os.path.exists(os.path.join(args.out, f"previous-{n}")):
-                n += 1
-            old = os.path.join(args.out, f"previous-{n}")
-            os.makedirs(old)
-            for f in ours:
-                os.replace(os.path.join(args.out, f), os.path.join(old, f))
-            log(f"moved the earlier run in {args.out} ({', '.join(ours)}) to {old} "
-                f"(`--out {old} --resume` would continue it)")
-
-    def run_eval(step):  # held-out greedy outputs -> stats, and AlpacaEval JSON in OUT/eval/
-        texts, estats = evaluate(policy, ref, reward_model, tokenizer, eval_records, args, dev)
-        if world_eval is not None:  # the simulated annotator: win rate against the reference outputs
-            estats["eval_win_rate"], estats["eval_win_rate_se"] = world_eval.win_rate(
-                eval_records, texts, [r["output"] for r in eval_records])
-            estats["eval_accuracy"] = sum(world_eval.check(r, t) for r, t in zip(eval_records, texts)) / len(texts)
         if rank == 0:
-            os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
-            file = os.path.join(args.out, "eval", f"step{step:04d}.json")
-            with open(file + ".tmp", "w") as f:
-                json.dump([{"instruction": r["instruction"], "input": r.get("input") or "", "output": t,
-                            "generator": f"lora-rlhf-{args.estimator}-step{step}"} for r, t in zip(eval_records, texts)], f, indent=1)
-            os.replace(file + ".tmp", file)
-        return estats
+            rundir.truncate_metrics(metrics_file, step)
+        log(f"resumed from {args.out}/checkpoint at step {step}")
+    elif rank == 0:
+        moved = rundir.move_earlier_run(args.out)
+        if moved:
+            log(f"moved the earlier run in {args.out} to {moved} (`--out {moved} --resume` would continue it)")
 
-    def order(epoch):  # a fresh shuffle of the prompts per pass, reproducible from the seed
-        return torch.randperm(len(kept), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch)).tolist()
-
-    # 5. the PPO loop
+    # 6. the PPO loop; a NaN, Ctrl-C or SIGTERM stops it with the last finished step saved
     log(f"PPO: {args.steps} steps x {args.rollout_batch_size} rollouts, step batch {args.step_batch_size}, "
         f"micro-batch {args.micro_batch_size}, estimator {args.estimator}, beta {kl_coef}")
     if eval_records and step == 0:  # the SFT policy, as the baseline of every curve
-        estats = run_eval(0)
-        if rank == 0:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": 0, **estats}) + "\n")
-        log("step    0 (SFT) | " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in estats.items()))
-    while step < args.steps:
-        good = snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
-        t0 = time.time()
-        idx = [pos + rank * per_rank + i for i in range(per_rank)]
-        batch_prompts = [kept[order(i // len(kept))[i % len(kept)]] for i in idx]
-        pos += args.rollout_batch_size
-        tokens, mask = llama.left_pad(batch_prompts, tokenizer.pad_id)
-        batch, rstats = ppo.rollout(policy, value, reward_model, tokens.to(dev), mask.to(dev), cfg, kl_coef,
-                                    tokenizer.eos_id, tokenizer.pad_id, ref_model=ref, generator=generator)
-        t1 = time.time()
-        try:
-            ustats = ppo.ppo_update(policy, value, optimizer, scheduler, batch, cfg,
-                                    sync_grads if world_size > 1 else None, generator=None)
+        stats = run_eval(0, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank, world_eval)
+        rundir.append_metrics(metrics_file, {"step": 0, **stats}, rank)
+        log("step   0 (the SFT policy)\n" + eval_line(stats))
+    good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)  # last finished step
+    try:
+        while step < args.steps:
+            t0 = time.time()
+            tokens, mask = llama.left_pad(batch_prompts(kept, pos + rank * per_rank, per_rank, args.seed),
+                                          tokenizer.pad_id)
+            tokens, mask = tokens.to(dev), mask.to(dev)
+            responses, rmask = ppo.generate_responses(policy, tokens, mask, cfg, tokenizer.eos_id,
+                                                      tokenizer.pad_id, generator)          # 1a. sample
+            t1 = time.time()
+            batch, stats = ppo.score_rollout(policy, value, reward_model, tokens, mask, responses, rmask, cfg,
+                                             kl_coef, tokenizer.eos_id, ref_model=ref)  # 1b-d, 2. Eq. 3, 3. GAE
+            t2 = time.time()
+            stats.update(ppo.ppo_update(policy, value, optimizer, scheduler, batch, cfg, sync))  # 4. Eq. 2, 5.
             if not all(torch.isfinite(p).all() for p in params):
-                raise FloatingPointError(f"ppo_update: trainable weights are not finite after the update")
-        except FloatingPointError as e:  # restore the weights of the last finished step and save them
-            restore(good, policy, value, optimizer, scheduler, generator)
-            save_checkpoint(good, args.out, rank, args, policy)
-            raise FloatingPointError(f"{e}; stopped at PPO step {step + 1}, the checkpoint of step {step} is in "
-                                     f"{args.out}/checkpoint (--resume continues from it)") from None
-        t2 = time.time()
-        step += 1
-        stats = mean_over_ranks({**rstats, **ustats, "time_rollout": t1 - t0, "time_train": t2 - t1,
-                                 "tokens_per_s": batch["mask"].sum().item() * world_size / (t2 - t0)})
-        if args.adaptive_kl:
+                raise FloatingPointError("ppo_update: trainable weights are not finite after the update")
+            t3 = time.time()
+            step, pos = step + 1, pos + args.rollout_batch_size
+            stats = mean_over_ranks({**stats, "time_rollout": t2 - t0, "time_generate": t1 - t0,
+                                     "time_score": t2 - t1, "time_train": t3 - t2,
+                                     "tokens_per_s": batch["mask"].sum().item() * world_size / (t3 - t0)},
+                                    world_size, dev)
             kl_coef = ppo.update_kl_coef(kl_coef, stats["penalty_seq"], cfg)
-        if eval_records and (step % args.eval_every == 0 or step == args.steps):
-            stats.update(run_eval(step))
-        if rank == 0:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": step, **stats}) + "\n")
-        log(f"step {step:4d}/{args.steps} | score {stats['score']:+.3f} | penalty {stats['penalty']:+.4f} | "
-            f"true KL {stats['true_kl']:.3f} | len {stats['response_length']:.1f} | loss {stats['loss']:+.4f} | "
-            f"{stats['tokens_per_s']:.0f} tok/s | {t2 - t0:.1f}s"
-            + "".join(f" | {k[5:]} {v:.3f}" for k, v in stats.items() if k.startswith("eval_")))
-        if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator),
-                            args.out, rank, args, policy)
+            if eval_records and (step % args.eval_every == 0 or step == args.steps):
+                stats.update(run_eval(step, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank,
+                                      world_eval))
+            rundir.append_metrics(metrics_file, {"step": step, **stats}, rank)
+            log(console_line(step, args.steps, stats, t3 - t0))
+            good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
+            if step % args.save_every == 0 or step == args.steps:
+                save(good, args, rank, policy)
+            if world_size > 1 and rundir.interrupted(dev):  # several ranks stop together, here
+                raise rundir.Interrupted("signal")
+    except (FloatingPointError, rundir.Interrupted) as e:
+        rundir.restore(good, policy, value, optimizer, scheduler, generator)
+        save(good, args, rank, policy)
+        where = f"the checkpoint of step {good['step']} is in {args.out}/checkpoint (--resume continues from it)"
+        if isinstance(e, FloatingPointError):
+            raise FloatingPointError(f"{e}; stopped at PPO step {good['step'] + 1}, {where}") from None
+        raise rundir.Interrupted(f"interrupted ({e}): {where}") from None
+
+    # 7. the final adapter
     print(f"trainable checksum {sum(p.double().sum().item() for p in params):.12e} (rank {rank})", flush=True)
     if rank == 0:
-        lora.save_adapter(policy, os.path.join(args.out, "adapter"), base_model_name_or_path=args.policy)
+        checkpoints.save_adapter(policy, os.path.join(args.out, "adapter"), base_model_name_or_path=args.policy)
         log(f"done: adapter in {args.out}/adapter, metrics in {metrics_file}")
+    rundir.release()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -515,7 +446,10 @@ def cli(argv=None):
     """main(), with bad input and the known failures ending in one line on stderr and exit status 1."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except rundir.Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130  # as a shell reports a process stopped by Ctrl-C
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: a full disk, a vanished file
         print(f"error: {e}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
@@ -523,8 +457,11 @@ def cli(argv=None):
               "are accumulated up to --step-batch-size), as does a smaller --max-new-tokens; --dry-run estimates it",
               file=sys.stderr)
         return 1
+    finally:
+        rundir.release()
     return 0
 
 
 if __name__ == "__main__":
+    rundir.stop_on_signals()
     sys.exit(cli())

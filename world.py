@@ -19,10 +19,15 @@ into place at the end: a killed build is resumed from its last finished stage by
     python world.py --out .world/seed0 --seed 0     # builds once (minutes on 2 CPU cores); then a no-op
     python -m pytest tests/test_world.py
 """
-import argparse
-import json
-import math
 import os
+
+# Torch picks its vectorized CPU kernels by the processor (AVX2 or AVX-512), and the two round differently,
+# enough for a training run to end elsewhere. Pinning AVX2 (every x86-64 CPU since 2013) makes a CPU run
+# independent of whether the machine has AVX-512; set ATEN_CPU_CAPABILITY yourself to choose otherwise.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
+import argparse
+import math
 import random
 import re
 import shutil
@@ -33,9 +38,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import llama
 import reward
-from tasks import TASKS, answer, check, label_pairs, make_splits, mean_se, paired_difference, prefer, win_rate
+from checkpoints import read_json
+from tasks import TASKS, check, label_pairs, make_splits, mean_se, paired_difference, prefer, win_rate
 
 
 @dataclass
@@ -78,17 +85,7 @@ LAYOUT = {"tokenizer": "tokenizer.model", "policy": "sft", "reward": "reward", "
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)  # a reader never sees half a file
-
-
-def read_json(path):
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    checkpoints.write_json(path, obj, indent=1)
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +176,7 @@ def sample(model, tok, records, temperature=0.0, max_new_tokens=96, batch_size=6
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         tokens, mask = llama.left_pad([encode_pair(tok, records[i], "")[0] for i in rows], tok.pad_id)  # (B, P)
-        out, out_mask, _ = llama.generate(model, tokens.to(device), mask.to(device), max_new_tokens,
+        out, out_mask = llama.generate(model, tokens.to(device), mask.to(device), max_new_tokens,
                                           temperature=temperature, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                           generator=generator)  # (B, N)
         for i, row, m in zip(rows, out.tolist(), out_mask.tolist()):
@@ -269,7 +266,7 @@ def build_sft(d, cfg, seed, log):
     log(f"    SFT of a {n_params / 1e6:.2f}M-parameter LLaMA: {cfg.sft_steps} steps of {cfg.sft_batch_size}")
     train_sft(policy, tok, read_json(path(d, "sft_data")), cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, seed, log)
     tmp = path(d, "policy") + ".tmp"
-    llama.save_hf(policy, tmp)
+    checkpoints.save_llama(policy, tmp)
     shutil.copy(path(d, "tokenizer"), os.path.join(tmp, "tokenizer.model"))
     publish(tmp, path(d, "policy"))
     info = {"parameters": n_params, **evaluate(policy, tok, read_json(path(d, "eval")), None, cfg.max_new_tokens)}
@@ -278,7 +275,7 @@ def build_sft(d, cfg, seed, log):
 
 
 def build_pairs(d, cfg, seed, log):
-    tok, policy = llama.Tokenizer(path(d, "tokenizer")), llama.Llama.from_pretrained(path(d, "policy"))
+    tok, policy = llama.Tokenizer(path(d, "tokenizer")), checkpoints.load_llama(path(d, "policy"))
     prompts, g = read_json(path(d, "pref_prompts")), torch.Generator().manual_seed(seed)
     y1, _ = sample(policy, tok, prompts, 1.0, cfg.max_new_tokens, generator=g, log=lambda s: log(s + ", 1st of 2"))
     y2, _ = sample(policy, tok, prompts, 1.0, cfg.max_new_tokens, generator=g, log=lambda s: log(s + ", 2nd of 2"))
@@ -296,7 +293,7 @@ def build_pairs(d, cfg, seed, log):
 
 def build_reward(d, cfg, seed, log):
     torch.manual_seed(seed)
-    tok, policy = llama.Tokenizer(path(d, "tokenizer")), llama.Llama.from_pretrained(path(d, "policy"))
+    tok, policy = llama.Tokenizer(path(d, "tokenizer")), checkpoints.load_llama(path(d, "policy"))
     pairs = [p for p in read_json(path(d, "pairs")) if p["output_1"] != p["output_2"]]  # a tie teaches nothing
     seqs = [(sum(encode_pair(tok, p, p["output_1"]), []), sum(encode_pair(tok, p, p["output_2"]), [])) for p in pairs]
     token_pairs = [(a, b) if p["preference"] == 1 else (b, a) for p, (a, b) in zip(pairs, seqs)]  # (chosen, rejected)
@@ -319,7 +316,7 @@ def build_reward(d, cfg, seed, log):
             "gold_pairs": len(gold), "shorter_better_pairs": len(shorter)}
     rm.eval()
     tmp = path(d, "reward") + ".tmp"
-    rm.save(tmp)
+    checkpoints.save_reward_model(rm, tmp)
     shutil.copy(path(d, "tokenizer"), os.path.join(tmp, "tokenizer.model"))
     publish(tmp, path(d, "reward"))
     return info, (f"reward model: held-out accuracy {rm_acc:.3f} on the training labels; agrees with the gold "

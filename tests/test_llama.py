@@ -1,16 +1,21 @@
 """llama.py and sample.py: exact LLaMA math, both checkpoint layouts, KV cache, left padding, sampling."""
 import dataclasses
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import checkpoints
 import llama
-from llama import Llama, LlamaConfig, generate, left_pad
+import lora
+import reward
+from llama import Llama, LlamaConfig, Tokenizer, generate, left_pad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = llama.PRESETS["tiny"]  # GQA: 4 query heads share 2 kv heads
@@ -25,12 +30,34 @@ def tiny(seed=0, cfg=CFG):
 # an independent float64 LLaMA in Meta's own convention (complex rotary on interleaved pairs), from a
 # Meta-named state dict; every other test of the layouts compares against it
 
-def reference_logits(sd, cfg, tokens):
+def reference_frequencies(hd, theta, kind="default", factor=1.0, low=1.0, high=4.0, original=8192):
+    """theta_i = theta^(-2i/hd), one float64 at a time, then the published rescalings, written as their authors
+    wrote them: linear = position interpolation (Chen et al. 2023: position t is read as t / factor), llama3 =
+    Meta's apply_scaling for LLaMA 3.1 (a loop over frequencies with three cases)."""
+    freqs = [theta ** (-2 * i / hd) for i in range(hd // 2)]
+    if kind == "linear":
+        freqs = [f / factor for f in freqs]  # (t / factor) * f = t * (f / factor)
+    elif kind == "llama3":
+        scaled = []
+        for f in freqs:
+            wavelen = 2 * math.pi / f
+            if wavelen < original / high:
+                scaled.append(f)
+            elif wavelen > original / low:
+                scaled.append(f / factor)
+            else:
+                smooth = (original / wavelen - low) / (high - low)
+                scaled.append((1 - smooth) * f / factor + smooth * f)
+        freqs = scaled
+    return torch.tensor(freqs, dtype=torch.float64)
+
+
+def reference_logits(sd, cfg, tokens, freqs=None):
     sd = {k: v.double() for k, v in sd.items()}
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
     B, T = tokens.shape
     norm = lambda x, w: x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.norm_eps) * w
-    freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2).double() / hd)
+    freqs = reference_frequencies(hd, cfg.rope_theta) if freqs is None else freqs
     rot = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), torch.outer(torch.arange(T).double(), freqs))
 
     def rope(x):  # (B, T, heads, hd) as complex numbers (x_2i + i x_2i+1) times e^{i t theta_i}
@@ -97,29 +124,53 @@ def hf_config(cfg):
             "rope_theta": cfg.rope_theta, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len}
 
 
-def write_meta(path, meta_sd, cfg, n_shards=1):
+# how Meta splits a model-parallel checkpoint (norms are replicated); LLaMA-3 splits tok_embeddings along the
+# vocabulary (dim 0), LLaMA-1/2 along the model dimension (dim 1)
+META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0, "output": 0}
+
+
+def write_meta(path, meta_sd, cfg, n_shards=1, tok_dim=1, **params):
     os.makedirs(path)
     params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-              "multiple_of": 16, "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len}
+              "multiple_of": 16, "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
+              **params}
     # tiny's hidden_dim 176 = Meta's rule: int(2 * 4 * 64 / 3) = 170, rounded up to a multiple of 16
     json.dump(params, open(os.path.join(path, "params.json"), "w"))
-    for s in range(n_shards):  # model-parallel shards, split the way Meta splits them
+    split = {**META_SPLIT, "tok_embeddings": tok_dim}
+    for s in range(n_shards):
         shard = {}
         for n, w in meta_sd.items():
-            dim = llama._META_SHARD_DIM.get(n.split(".")[-2])
+            dim = split.get(n.split(".")[-2])
             shard[n] = w if dim is None else w.chunk(n_shards, dim=dim)[s].clone()
         shard["rope.freqs"] = torch.zeros(cfg.dim // cfg.n_heads // 2)  # LLaMA-1 files carry this derived table
         torch.save(shard, os.path.join(path, f"consolidated.{s:02d}.pth"))
 
 
+def write_hf(path, meta_sd, cfg, **fields):
+    os.makedirs(path)
+    json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **hf_config(cfg), **fields},
+              open(os.path.join(path, "config.json"), "w"))
+    save_file(hf_state(meta_sd, cfg), os.path.join(path, "model.safetensors"))
+
+
 TOKENS = torch.randint(0, CFG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("layout", ["hf", "hf_sharded", "hf_bin", "meta", "meta_2_shards"])
+# config.json fields a LLaMA may state explicitly with the values that keep LLaMA's math (transformers 5 writes
+# all of them), and a Mistral without a sliding window, which is a LLaMA
+EXPLICIT = {"hidden_act": "silu", "head_dim": 16, "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
+            "pretraining_tp": 1, "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.44.0"}
+MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": None}
+
+
+@pytest.mark.parametrize("layout", ["hf", "hf_sharded", "hf_bin", "hf_explicit", "hf_mistral", "meta", "meta_2_shards",
+                                    "meta_2_shards_llama3"])
 def test_layouts_match_reference(tmp_path, layout):
     sd = random_meta_state(CFG)
     path = str(tmp_path / layout)
-    if layout.startswith("hf"):
+    if layout in ("hf_explicit", "hf_mistral"):
+        write_hf(path, sd, CFG, **(EXPLICIT if layout == "hf_explicit" else MISTRAL))
+    elif layout.startswith("hf"):
         os.makedirs(path)
         json.dump(hf_config(CFG), open(os.path.join(path, "config.json"), "w"))
         hf = hf_state(sd, CFG)
@@ -135,8 +186,8 @@ def test_layouts_match_reference(tmp_path, layout):
             index = {"weight_map": {k: f for f, keys in halves.items() for k in keys}}
             json.dump(index, open(os.path.join(path, "model.safetensors.index.json"), "w"))
     else:
-        write_meta(path, sd, CFG, n_shards=2 if layout == "meta_2_shards" else 1)
-    model = Llama.from_pretrained(path)
+        write_meta(path, sd, CFG, n_shards=1 if layout == "meta" else 2, tok_dim=0 if layout.endswith("llama3") else 1)
+    model = checkpoints.load_llama(path)
     assert model.cfg == CFG
     ref = reference_logits(sd, CFG, TOKENS)
     torch.testing.assert_close(model(TOKENS).double(), ref, atol=1e-4, rtol=1e-4)  # fp32 vs float64
@@ -144,9 +195,149 @@ def test_layouts_match_reference(tmp_path, layout):
 
 def test_save_hf_round_trip(tmp_path):
     model = tiny()
-    llama.save_hf(model, str(tmp_path / "ck"))
-    again = Llama.from_pretrained(str(tmp_path / "ck"))
+    checkpoints.save_llama(model, str(tmp_path / "ck"))
+    again = checkpoints.load_llama(str(tmp_path / "ck"))
     assert torch.equal(model(TOKENS), again(TOKENS))
+
+
+# Rotary settings as each writer states them: (edits to config.json / params.json, None deleting a field; the
+# reference's rotary; the rope_theta a loader that ignores the setting would use). tiny's head_dim is 16: eight
+# frequencies, 500000^(-i/8) = wavelengths 6, 32, 167, 860, 4.5e3, 2.3e4, 1.2e5, 6e5 tokens, so llama3 with
+# original_max_position_embeddings 64 keeps one, blends one and divides six; with 1024, keeps three, blends one.
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+ROPE = {
+    "hf4_linear": ({"rope_scaling": {"type": "linear", "factor": 4.0}}, dict(kind="linear", factor=4.0), 1e4),
+    "hf4_llama3": ({"rope_theta": 5e5, "rope_scaling": LLAMA3}, dict(theta=5e5, kind="llama3", factor=8.0,
+                                                                      original=64), 5e5),
+    "hf5_default": ({"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+                    dict(theta=5e5), 1e4),
+    "hf5_linear": ({"rope_theta": None, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+                   dict(kind="linear", factor=2.0), 1e4),
+    "hf5_llama3": ({"rope_theta": None, "rope_parameters": {**LLAMA3, "factor": 32.0, "rope_theta": 5e5,
+                                                            "original_max_position_embeddings": 1024}},
+                   dict(theta=5e5, kind="llama3", factor=32.0, original=1024), 1e4),
+    "meta_use_scaled_rope": ({"rope_theta": 5e5, "use_scaled_rope": True},  # factor 8, low 1, high 4, 8192
+                             dict(theta=5e5, kind="llama3", factor=8.0, original=8192), 5e5),
+}
+LONG = torch.randint(0, CFG.vocab_size, (2, 200), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("case", list(ROPE))
+def test_rope_scaling_matches_reference(tmp_path, case):
+    edits, rope, ignored_theta = ROPE[case]
+    sd, path = random_meta_state(CFG), str(tmp_path / case)
+    if case.startswith("meta"):
+        write_meta(path, sd, CFG, **edits)
+    else:
+        write_hf(path, sd, CFG, **edits)
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        json.dump({k: v for k, v in cfg.items() if v is not None}, open(os.path.join(path, "config.json"), "w"))
+    model = checkpoints.load_llama(path)
+    freqs = reference_frequencies(16, **{"theta": 1e4, **rope})
+    ref = reference_logits(sd, CFG, LONG, freqs)
+    torch.testing.assert_close(model(LONG).double(), ref, atol=1e-4, rtol=1e-4)  # fp32 vs float64, 200 positions
+    # a left-padded batch of prefixes: each row as if alone (causal: a prefix's logits are the first rows of ref)
+    rows = [(0, 200), (1, 131), (0, 40)]
+    tokens, mask = left_pad([LONG[b, :n].tolist() for b, n in rows])
+    batched = model(tokens, mask).double()
+    for i, (b, n) in enumerate(rows):
+        torch.testing.assert_close(batched[i, -n:], ref[b, :n], atol=1e-4, rtol=1e-4)
+    # control: the setting matters here, 100 x the tolerance above
+    model.cfg = dataclasses.replace(model.cfg, rope_theta=ignored_theta, rope_scaling=None)
+    assert (model(LONG).double() - ref).abs().max() > 1e-2
+    # and it survives a save in our layout
+    checkpoints.save_llama(checkpoints.load_llama(path), str(tmp_path / "saved"))
+    assert checkpoints.load_llama(str(tmp_path / "saved")).cfg == checkpoints.load_llama(path).cfg
+
+
+# Layouts that are refused, one line naming the file and the field (or tensor kind): case -> (file, edit, message
+# fragment). JSON edits are merged in; a .safetensors edit adds zero tensors of these shapes; bytes replace the file.
+PEFT_VARIANTS = {"alora_invocation_tokens": [32, 7], "use_bdlora": True, "kasa_config": {"r": 4},
+                 "velora_config": {"rank": 2}, "monteclora_config": {"n": 2}, "arrow_config": {"top_k": 2},
+                 "layer_replication": [[0, 2], [1, 2]], "target_parameters": ["mlp.experts.gate_up_proj"],
+                 "use_qalora": True, "exclude_modules": ["k_proj"], "lora_bias": True, "trainable_token_indices": [5],
+                 "use_dora": True, "use_rslora": True, "modules_to_save": ["lm_head"], "rank_pattern": {"q_proj": 4},
+                 "alpha_pattern": {"q_proj": 4}, "layers_to_transform": [0], "init_lora_weights": "pissa",
+                 "fan_in_fan_out": True, "bias": "lora_only", "peft_type": "LOHA"}
+REFUSED = {
+    **{t: ("config.json", {"model_type": t}, f'model_type = "{t}" is not supported (supported: llama, mistral)')
+       for t in ("gemma", "granite", "smollm3", "qwen2")},
+    "mistral_window": ("config.json", {**MISTRAL, "sliding_window": 4096}, "sliding_window = 4096 is not supported"),
+    "architectures": ("config.json", {"architectures": ["GemmaForCausalLM"]}, 'architectures = ["GemmaForCausalLM"]'),
+    "hidden_act": ("config.json", {"hidden_act": "gelu"}, 'hidden_act = "gelu" is not supported'),
+    "head_dim": ("config.json", {"head_dim": 32}, "head_dim = 32 differs from hidden_size / num_attention_heads = 16"),
+    "attention_bias": ("config.json", {"attention_bias": True}, "attention_bias = true is not supported"),
+    "mlp_bias": ("config.json", {"mlp_bias": True}, "mlp_bias = true is not supported"),
+    "quantized": ("config.json", {"quantization_config": {"quant_method": "gptq"}}, "quantization_config = "),
+    "rope_dynamic": ("config.json", {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+                     'rope_scaling.type = "dynamic" is not supported (supported: default, linear, llama3)'),
+    "rope_yarn": ("config.json", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+                  'rope_parameters.rope_type = "yarn" is not supported'),
+    "rope_longrope": ("config.json", {"rope_scaling": {"rope_type": "longrope", "long_factor": [2.0] * 8,
+                                                       "short_factor": [1.0] * 8}}, '"longrope" is not supported'),
+    "rope_unknown": ("config.json", {"rope_scaling": {"type": "su", "factor": 2.0}}, '"su" is not supported'),
+    "rope_incomplete": ("config.json", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                        "lacks low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+    "rope_factor": ("config.json", {"rope_scaling": {"type": "linear", "factor": 0}}, "rope_scaling.factor = 0 must"),
+    "partial_rotary": ("config.json", {"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5 is not supported"),
+    "heads_zero": ("config.json", {"num_attention_heads": 0}, "num_attention_heads = 0 must be a positive integer"),
+    "heads_uneven": ("config.json", {"num_attention_heads": 5}, "num_attention_heads = 5 must divide hidden_size = 64"),
+    "kv_heads": ("config.json", {"num_key_value_heads": 3}, "num_key_value_heads = 3 must divide num_attention_heads"),
+    "hidden_text": ("config.json", {"hidden_size": "64"}, 'hidden_size = "64" must be a positive integer'),
+    "missing": ("config.json", {"intermediate_size": None}, "missing field 'intermediate_size'"),
+    "qwen2_qkv_bias": ("model.safetensors", {"model.layers.0.self_attn.q_proj.bias": (64,)},
+                       "biases on linear layers (attention_bias / mlp_bias, or Qwen2-style q, k, v biases)"),
+    "qwen3_qk_norm": ("model.safetensors", {"model.layers.1.self_attn.k_norm.weight": (16,)}, "q/k norms"),
+    "meta_heads_zero": ("params.json", {"n_heads": 0}, "n_heads = 0 must be a positive integer"),
+    "meta_moe": ("params.json", {"moe_args": {"num_experts": 16}}, "moe_args = "),
+    "meta_shards": ("consolidated.01.pth", "drop a vocabulary row",
+                    "the 2 shards of tok_embeddings.weight have shapes [(256, 32), (255, 32)]"),
+    "tiktoken": ("tokenizer.model", b"IQ== 0\nIg== 1\nIw== 2\n", "is tiktoken BPE text"),
+    "garbage_tokenizer": ("tokenizer.model", bytes(range(256)), "cannot be parsed; expected a sentencepiece model"),
+    "reward_score_eos": ("reward/config.json", {"score_eos": "yes"}, 'score_eos = "yes" must be true or false'),
+    **{f"peft_{k}": ("adapter_config.json", {k: v}, f"{k} = {json.dumps(v)} is not") for k, v in PEFT_VARIANTS.items()},
+}
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory):
+    """A valid checkpoint of each kind the refusal table edits."""
+    d, sd = tmp_path_factory.mktemp("valid"), random_meta_state(CFG)
+    write_hf(str(d / "hf"), sd, CFG)
+    write_meta(str(d / "meta"), sd, CFG, n_shards=2, tok_dim=1)
+    model = tiny()
+    lora.add_lora(model, rank=2, alpha=4)
+    checkpoints.save_adapter(model, str(d / "adapter"))
+    checkpoints.save_reward_model(reward.RewardModel(CFG), str(d / "reward"))
+    (d / "tok").mkdir()
+    return d
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refused_by_name(valid, tmp_path, case):
+    file, edit, fragment = REFUSED[case]
+    kind = {"params.json": "meta", "consolidated.01.pth": "meta", "adapter_config.json": "adapter",
+            "tokenizer.model": "tok", "reward/config.json": "reward"}.get(file, "hf")
+    shutil.copytree(valid / kind, tmp_path / kind)
+    d, target = tmp_path / kind, tmp_path / kind / os.path.basename(file)
+    if isinstance(edit, bytes):
+        target.write_bytes(edit)
+    elif file.endswith(".json"):
+        c = {**json.loads(target.read_text()), **edit}
+        target.write_text(json.dumps({k: v for k, v in c.items() if v is not None}))
+    elif file.endswith(".safetensors"):
+        save_file({**load_file(str(target)), **{k: torch.zeros(shape) for k, shape in edit.items()}}, str(target))
+    else:  # Meta shards that do not fit together
+        shard = torch.load(target, weights_only=True)
+        shard["tok_embeddings.weight"] = shard["tok_embeddings.weight"][1:]
+        torch.save(shard, target)
+    load = {"hf": checkpoints.load_llama, "meta": checkpoints.load_llama, "reward": checkpoints.load_reward_model,
+            "adapter": lambda d: checkpoints.load_adapter(tiny(), d), "tok": lambda d: Tokenizer(str(target))}[kind]
+    with pytest.raises(ValueError) as e:
+        load(str(d))
+    message = str(e.value)
+    assert fragment in message and message.startswith(str(d)) and "\n" not in message, message
 
 
 def test_rmsnorm_and_rotary_direct_formulas():
@@ -174,14 +365,26 @@ def test_7b_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
 
 
+def decode(model, tokens, mask, nxt, L):
+    """Prefill a left-padded batch into a cache of L slots, then feed nxt (B, n) one token at a time through
+    generate's decoding step; returns the logits (B, T + n, V) of every position."""
+    cache = model.new_cache(tokens.shape[0], L)
+    g = torch.Generator().manual_seed(0)
+    cache.k.normal_(0, 1e3, generator=g)  # stale values in the slots not yet written must not matter
+    cache.v.normal_(0, 1e3, generator=g)
+    start = torch.zeros(1, dtype=torch.long)
+    parts = [model(tokens, mask, cache, start)]
+    for t in range(nxt.shape[1]):
+        start += tokens.shape[1] if t == 0 else 1
+        parts.append(model(nxt[:, t:t + 1], None, cache, start))  # (B, 1, V), the same shapes at every t
+    return torch.cat(parts, 1)
+
+
 def test_kv_cache_equals_full_forward():
     model = tiny()
     full = model(TOKENS)
-    cache = model.new_cache(2, 12)
-    parts = [model(TOKENS[:, :5], None, cache)]
-    for t in range(5, 12):  # then one token at a time
-        parts.append(model(TOKENS[:, t:t + 1], torch.ones(2, t + 1, dtype=torch.long), cache))
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(decode(model, TOKENS[:, :5], None, TOKENS[:, 5:], 16), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(decode(model, TOKENS[:, :1], None, TOKENS[:, 1:], 12), full, atol=1e-5, rtol=0)
 
 
 def test_left_padding_gives_each_sequence_alone():
@@ -192,44 +395,92 @@ def test_left_padding_gives_each_sequence_alone():
     for b, s in enumerate(seqs):
         alone = model(torch.tensor([s]))[0]
         torch.testing.assert_close(batched[b, -len(s):], alone, atol=1e-5, rtol=0)
-    # and incrementally through the cache, starting from the padded prompt
-    cache = model.new_cache(3, 14)
-    model(tokens, mask, cache)
-    nxt = torch.tensor([[5], [6], [7]])
-    step = model(nxt, torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1), cache)[:, -1]
+    # and incrementally through the cache, starting from the padded prompt: the same logits as one full
+    # forward of the padded batch, and as each sequence alone
+    nxt = torch.tensor([[5, 9], [6, 10], [7, 11]])
+    step = decode(model, tokens, mask, nxt, 20)
+    full = model(torch.cat([tokens, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1))
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
     for b, s in enumerate(seqs):
-        torch.testing.assert_close(step[b], model(torch.tensor([s + [5 + b]]))[0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(step[b, -len(s) - 2:], model(torch.tensor([s + nxt[b].tolist()]))[0],
+                                   atol=1e-5, rtol=0)
+
+
+def test_generate_equals_greedy_full_forward_with_eos_mid_batch():
+    """The static cache gives the tokens of repeated argmax over full forwards of the left-padded batch; a
+    row that emits EOS stops there while the others go on."""
+    model = tiny()
+    seqs = [TOKENS[0, :9].tolist(), TOKENS[1, :2].tolist(), TOKENS[1, 4:9].tolist()]
+    tokens, mask = left_pad(seqs)
+    out, _ = generate(model, tokens, mask, 10, temperature=0)
+    eos = out[1, 3].item()  # the fourth greedy token of row 1 becomes EOS
+    out, out_mask = generate(model, tokens, mask, 10, temperature=0, eos_id=eos, pad_id=-1)
+    seq, seq_mask, expect = tokens, mask, []
+    for t in range(10):  # the batch through the whole model at every step, no cache
+        nxt = model(seq, seq_mask)[:, -1].argmax(-1)
+        expect.append(nxt)
+        seq, seq_mask = torch.cat([seq, nxt[:, None]], 1), torch.cat([seq_mask, torch.ones(3, 1, dtype=torch.long)], 1)
+    expect = torch.stack(expect, 1)
+    n = out_mask.sum(1)
+    assert n[1] <= 4 and n.max() > n[1], n  # EOS mid-batch: row 1 stopped, another went on
+    for b in range(3):
+        assert out[b, :n[b]].tolist() == expect[b, :n[b]].tolist(), b
+        assert (out[b, n[b]:] == -1).all() and (n[b] == out.shape[1] or out[b, n[b] - 1] == eos)
 
 
 def test_greedy_generate_is_repeated_argmax():
     model = tiny()
     seqs = [TOKENS[0, :6].tolist(), TOKENS[1, :3].tolist()]
     tokens, mask = left_pad(seqs)
-    out, out_mask, logprobs = generate(model, tokens, mask, 10, temperature=0)
-    out2, _, _ = generate(model, tokens, mask, 10, temperature=0)
+    out, out_mask = generate(model, tokens, mask, 10, temperature=0)
+    out2, _ = generate(model, tokens, mask, 10, temperature=0)
     assert torch.equal(out, out2) and out_mask.all()
     for b, s in enumerate(seqs):
         seq = list(s)
         for t in range(10):
             logits = model(torch.tensor([seq]))[0, -1]
             assert out[b, t].item() == logits.argmax().item()
-            assert abs(logprobs[b, t].item() - logits.log_softmax(-1).max().item()) < 1e-5
             seq.append(out[b, t].item())
-    # the no-cache path agrees
-    out3, _, _ = generate(model, tokens, mask, 10, temperature=0, use_cache=False)
-    assert torch.equal(out, out3)
+
+
+def test_generate_through_a_recorded_step(monkeypatch):
+    """generate(cuda_graph=True) on the CPU, llama.capture replaced by a stand-in with a CUDA graph's contract:
+    the step runs once on copies of its first inputs when recorded, then only on those recorded tensors, refilled
+    by copy, into one output tensor that each replay overwrites. Same tokens as eager decoding, greedy and
+    sampled with one seed, with a row stopping at EOS mid-batch."""
+    def capture(fn, *args):
+        inputs = [a.clone() for a in args]
+        output = fn(*inputs).clone()  # the warm-up run: it writes the first step's cache slot once already
+
+        def replay(*args):
+            for x, a in zip(inputs, args):
+                x.copy_(a)
+            return output.copy_(fn(*inputs))
+        return replay
+    model = tiny()
+    tokens, mask = left_pad([TOKENS[0, :9].tolist(), TOKENS[1, :2].tolist(), TOKENS[1, 4:9].tolist()])
+    eos = generate(model, tokens, mask, 10, temperature=0)[0][1, 3].item()
+    for temperature in (0.0, 1.0):
+        run = lambda graph: generate(model, tokens, mask, 10, temperature=temperature, eos_id=eos, pad_id=-1,
+                                     generator=torch.Generator().manual_seed(0), cuda_graph=graph)
+        eager = run(False)
+        with monkeypatch.context() as m:
+            m.setattr(llama, "capture", capture)
+            replayed = run(True)
+        assert all(torch.equal(a, b) for a, b in zip(eager, replayed)), temperature
+    assert eager[1].sum(1).min() < eager[1].shape[1]  # a row stopped at EOS
 
 
 def test_eos_stops_and_pads():
     model = tiny()
     tokens, mask = left_pad([TOKENS[0, :4].tolist(), TOKENS[1, :4].tolist()])
-    out, _, _ = generate(model, tokens, mask, 6, temperature=0)
+    out, _ = generate(model, tokens, mask, 6, temperature=0)
     eos = out[0, 2].item()  # pretend the third greedy token of row 0 is EOS
-    out2, m2, lp2 = generate(model, tokens, mask, 6, temperature=0, eos_id=eos, pad_id=-1)
+    out2, m2 = generate(model, tokens, mask, 6, temperature=0, eos_id=eos, pad_id=-1)
     first = (out[1] == eos).nonzero()
     stop1 = first[0, 0].item() + 1 if len(first) else 6
     assert m2[0].tolist() == [1, 1, 1] + [0] * (m2.shape[1] - 3)
-    assert (out2[0, 3:] == -1).all() and (lp2[0, 3:] == 0).all()
+    assert (out2[0, 3:] == -1).all()
     assert m2[1].sum().item() == min(stop1, m2.shape[1])
 
 
@@ -246,10 +497,28 @@ def test_sampling_respects_top_p_and_seed():
     assert set(gen(2, 0.3).tolist()) <= nucleus
 
 
+@pytest.mark.parametrize("top_p", [0.7, 1.0])
+def test_top_p_draws_the_renormalized_nucleus(top_p):
+    """Each token in the nucleus (the most likely tokens until their mass reaches top_p) is drawn with its
+    probability renormalized over the nucleus, within 5 standard errors; no token outside it is ever drawn.
+    A greedy sampler, or one that ignores top_p, fails."""
+    probs = torch.tensor([0.05, 0.4, 0.01, 0.15, 0.25, 0.03, 0.1, 0.01])
+    n = 20000
+    draws = llama.sample_top_p(probs.expand(n, -1), top_p, torch.Generator().manual_seed(0))    # (n,)
+    freq = torch.bincount(draws, minlength=8).double() / n
+    nucleus = [1, 4, 3] if top_p == 0.7 else list(range(8))  # 0.4 + 0.25 < 0.7 <= 0.4 + 0.25 + 0.15
+    expected = torch.zeros(8, dtype=torch.float64)
+    expected[nucleus] = probs[nucleus].double() / probs[nucleus].double().sum()
+    se = (expected * (1 - expected) / n).sqrt()
+    inside = expected > 0
+    assert ((freq - expected).abs()[inside] <= 5 * se[inside]).all(), (freq, expected)
+    assert (freq[~inside] == 0).all()
+
+
 def test_golden_greedy_sequence():
     # a fixed-seed tiny model and prompt must keep producing exactly these tokens (N(0, 0.02) init)
     model = tiny(seed=1234)
-    out, _, _ = generate(model, torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long), 12, temperature=0)
+    out, _ = generate(model, torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long), 12, temperature=0)
     assert out[0].tolist() == [149, 236, 74, 57, 2, 197, 213, 126, 137, 248, 183, 89]  # smallest top-2 gap 7e-4
 
 
@@ -275,7 +544,7 @@ def checkpoint(tmp_path_factory):
                               for _ in range(300)) + "\n" + llama.alpaca_prompt("x", "y"))
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path / "tokenizer"), vocab_size=320,
                                    model_type="bpe", byte_fallback=True, minloglevel=2)  # 256 byte pieces + 64
-    llama.save_hf(tiny(cfg=dataclasses.replace(CFG, vocab_size=320)), str(path))
+    checkpoints.save_llama(tiny(cfg=dataclasses.replace(CFG, vocab_size=320)), str(path))
     return path
 
 
@@ -304,33 +573,70 @@ def test_sample_script_writes_alpacaeval_json(checkpoint, tmp_path):
     assert records[1]["input"] == "red blue" and records[0]["generator"] == "tiny"
 
 
-@pytest.mark.parametrize("case", ["no_dir", "no_weights", "bad_shape", "too_long", "bad_json", "bad_record"])
-def test_bad_input_one_clear_line(checkpoint, tmp_path, case):
-    args = ["--checkpoint", str(checkpoint), "--prompt", "the cat", "--max-new-tokens", "4"]
-    expect = {"no_dir": "does not exist", "no_weights": "no weights", "bad_shape": "has shape",
-              "too_long": "exceeds the context", "bad_json": "malformed JSON", "bad_record": "record 1"}[case]
-    if case == "no_dir":
-        args[1] = str(tmp_path / "nowhere")
-    elif case in ("no_weights", "bad_shape"):
-        d = tmp_path / case
+def spoiled_checkpoint(edit_config, weights=True):
+    def make(ck, args, tmp):
+        d = tmp / "ck"
         d.mkdir()
-        (d / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
-        cfg = json.loads((checkpoint / "config.json").read_text())
-        if case == "bad_shape":
-            cfg["intermediate_size"] += 8
-            (d / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+        (d / "tokenizer.model").write_bytes((ck / "tokenizer.model").read_bytes())
+        if weights:
+            (d / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes())
+        cfg = json.loads((ck / "config.json").read_text())
+        edit_config(cfg)
         (d / "config.json").write_text(json.dumps(cfg))
-        args[1] = str(d)
-    elif case == "too_long":
-        args[-1] = str(CFG.max_seq_len)
-    else:
-        f = tmp_path / "p.json"
-        f.write_text("[\"ok\", " if case == "bad_json" else json.dumps(["ok", {"input": "no instruction"}]))
-        args[2:4] = ["--prompts", str(f)]
-    r = run_sample(*args)
-    assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], r.stderr
+        return ["--checkpoint", str(d)] + args[2:]
+    return make
+
+
+def prompts_file(text):
+    def make(ck, args, tmp):
+        (tmp / "p.json").write_bytes(text.encode() if isinstance(text, str) else text)
+        return args[:2] + ["--prompts", str(tmp / "p.json")] + args[4:]
+    return make
+
+
+def with_flags(*flags):
+    return lambda ck, args, tmp: args + list(flags)
+
+
+# case -> (how the good command is spoiled, what the one line must say)
+SAMPLE_BAD = {
+    "no_dir": (lambda ck, a, t: ["--checkpoint", str(t / "nowhere")] + a[2:], "does not exist"),
+    "no_weights": (spoiled_checkpoint(lambda c: None, weights=False), "no weights"),
+    "bad_shape": (spoiled_checkpoint(lambda c: c.update(intermediate_size=c["intermediate_size"] + 8)), "has shape"),
+    "too_long": (with_flags("--max-new-tokens", str(CFG.max_seq_len)), "exceeds the context"),
+    "bad_json": (prompts_file('["ok", '), "malformed JSON"),
+    "bad_record": (prompts_file(json.dumps(["ok", {"input": "no instruction"}])), "record 1"),
+    "not_utf8": (prompts_file(b'["caf\xe9"]'), "p.json: not UTF-8 text"),
+    "max_new_tokens_0": (with_flags("--max-new-tokens", "0"), "--max-new-tokens must be at least 1, got 0"),
+    "max_new_tokens_neg": (with_flags("--max-new-tokens", "-5"), "--max-new-tokens must be at least 1, got -5"),
+    "temperature": (with_flags("--temperature", "-1"), "--temperature must be >= 0"),
+    "top_p_0": (with_flags("--top-p", "0"), "--top-p must be in (0, 1]"),
+    "top_p_2": (with_flags("--top-p", "2"), "--top-p must be in (0, 1]"),
+    "batch_size": (with_flags("--batch-size", "0"), "--batch-size must be at least 1"),
+    "merge_alone": (with_flags("--merge"), "--merge must be given with --adapter"),
+    "out_is_a_dir": (lambda ck, a, t: a + ["--out", str(t)], "--out must be a file, not a directory"),
+    "no_cuda": (with_flags("--device", "cuda"), "this machine has no CUDA device"),
+    "bad_device": (with_flags("--device", "gpu0"), "--device 'gpu0' is not a device name"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLE_BAD))
+def test_sample_bad_input_ends_in_one_line(checkpoint, tmp_path, case, capsys):
+    import sample
+    if case == "no_cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    spoil, message = SAMPLE_BAD[case]
+    args = spoil(checkpoint, ["--checkpoint", str(checkpoint), "--prompt", "the cat", "--max-new-tokens", "4"],
+                 tmp_path)
+    assert sample.cli(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")], "a temporary file was left behind"
+
+
+def test_sample_bad_input_on_the_command_line(checkpoint):
+    r = run_sample("--checkpoint", str(checkpoint), "--prompt", "the cat", "--top-p", "2")
+    assert r.returncode == 1 and r.stderr == "error: --top-p must be in (0, 1], got 2.0\n", r.stderr
 
 
 def test_unknown_preset():

@@ -201,8 +201,15 @@ def prompts(B, seed=0):
     return llama.left_pad(seqs)
 
 
+def rollout(policy, value, reward_model, prompts, mask, cfg, kl_coef, eos_id, ref_model=None, generator=None):
+    """1. sample, then score: what train.py calls once per PPO step."""
+    responses, rmask = ppo.generate_responses(policy, prompts, mask, cfg, eos_id, generator=generator)
+    return ppo.score_rollout(policy, value, reward_model, prompts, mask, responses, rmask, cfg, kl_coef, eos_id,
+                             ref_model=ref_model)
+
+
 def small_cfg(**kw):
-    base = dict(rollout_batch_size=16, step_batch_size=8, micro_batch_size=4, max_new_tokens=6,
+    base = dict(step_batch_size=8, micro_batch_size=4, max_new_tokens=6,
                 generate_batch_size=16)
     return ppo.PPOConfig(**{**base, **kw})
 
@@ -216,7 +223,7 @@ def test_rollout_matches_per_sequence_forwards():
     toks, mask = prompts(5)
     cfg = small_cfg(temperature=0.7)
     eos = 3
-    batch, stats = ppo.rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=eos,
+    batch, stats = rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=eos,
                                generator=torch.Generator().manual_seed(0))
     B, N = batch["responses"].shape
     assert batch["mask"].shape == (B, N) and batch["logprobs"].dtype == torch.float32
@@ -237,7 +244,7 @@ def test_rollout_matches_per_sequence_forwards():
             assert (batch["logprobs"][b, L:] == 0).all() and (batch["advantages"][b, L:] == 0).all()
     assert stats["true_kl"] > 0 and stats["response_length"] == batch["mask"].sum(1).float().mean()
     # a separate reference model gives the same reference log-probs as the adapters-off policy
-    batch2, _ = ppo.rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=eos,
+    batch2, _ = rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=eos,
                             ref_model=base, generator=torch.Generator().manual_seed(0))
     assert torch.equal(batch2["responses"], batch["responses"])
     torch.testing.assert_close(batch2["ref_logprobs"], batch["ref_logprobs"], atol=1e-5, rtol=0)
@@ -249,13 +256,13 @@ def test_reward_model_sharing_the_value_backbone_scores_without_value_adapters()
     toks, mask = prompts(4)
     cfg = small_cfg(temperature=0.0)
     with torch.no_grad():
-        _, ref_stats = ppo.rollout(policy, reward.ValueModel(copy.deepcopy(rm).backbone), rm, toks, mask, cfg,
+        _, ref_stats = rollout(policy, reward.ValueModel(copy.deepcopy(rm).backbone), rm, toks, mask, cfg,
                                    0.02, eos_id=None)
     value = reward.ValueModel(rm.backbone, rank=4, alpha=8, dropout=0.0)   # one backbone for both
     for m in value.modules():
         if isinstance(m, lora.LoRALinear):
             torch.nn.init.normal_(m.lora_B, std=0.5)
-    _, stats = ppo.rollout(policy, value, rm, toks, mask, cfg, 0.02, eos_id=None)
+    _, stats = rollout(policy, value, rm, toks, mask, cfg, 0.02, eos_id=None)
     assert stats["score"] == ref_stats["score"]
 
 
@@ -263,7 +270,7 @@ def test_no_eos_penalty_replaces_the_score():
     policy, value, _ = tiny_models()
     toks, mask = prompts(8)
     cfg = small_cfg(no_eos_penalty=-1.0, whiten_rewards=False, kl_coef=0.0)
-    batch, stats = ppo.rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.0, eos_id=None)
+    batch, stats = rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.0, eos_id=None)
     assert stats["eos_fraction"] == 0 and (batch["score"] == -1.0).all()
     assert (batch["rewards"].sum(1) == -1.0).all()
 
@@ -272,7 +279,7 @@ def test_zero_advantages_and_value_loss_leave_models_unchanged():
     policy, value, optimizer = tiny_models(dropout=0.1)
     toks, mask = prompts(8)
     cfg = small_cfg()
-    batch, _ = ppo.rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=None)
+    batch, _ = rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=None)
     # zero advantages; the zero-initialized value head predicts 0 = the returns, so both losses are flat
     batch["advantages"] = torch.zeros_like(batch["advantages"])
     batch["returns"] = torch.zeros_like(batch["returns"])
@@ -282,7 +289,7 @@ def test_zero_advantages_and_value_loss_leave_models_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert stats["loss"] == 0 and stats["grad_norm"] == 0
     # the same update with the real advantages does move the adapters (the check above can fail)
-    batch, _ = ppo.rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=None)
+    batch, _ = rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=None)
     ppo.ppo_update(policy, value, optimizer, None, batch, cfg)
     assert not all(torch.equal(a, b) for a, b in zip(before, [p for m in (policy, value) for p in m.parameters()]))
 
@@ -291,7 +298,7 @@ def test_micro_batch_accumulation_equals_one_step_batch():
     policy, value, _ = tiny_models()
     toks, mask = prompts(8)
     cfg = small_cfg(step_batch_size=8, ppo_epochs=1)
-    batch, _ = ppo.rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=5,
+    batch, _ = rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=5,
                            generator=torch.Generator().manual_seed(1))
     results = []
     for micro in (8, 3):             # one forward, or accumulation over 3 + 3 + 2 samples
@@ -311,12 +318,13 @@ def test_nan_loss_raises_naming_the_step():
     policy, value, optimizer = tiny_models()
     toks, mask = prompts(8)
     cfg = small_cfg()
-    batch, _ = ppo.rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=None)
+    batch, _ = rollout(policy, value, TokenReward(), toks, mask, cfg, kl_coef=0.02, eos_id=None)
     batch["advantages"][0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="epoch 0, optimizer step"):
         ppo.ppo_update(policy, value, optimizer, None, batch, cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", sorted(divergences.ESTIMATORS))
 def test_ppo_raises_a_known_reward(estimator):
     # A random tiny policy with LoRA; reward +1 per response token with id < 32 (1/8 of the vocabulary).
@@ -328,8 +336,8 @@ def test_ppo_raises_a_known_reward(estimator):
     g = torch.Generator().manual_seed(1)
     scores = []
     for step in range(15):
-        toks, mask = prompts(cfg.rollout_batch_size, seed=100 + step)
-        batch, stats = ppo.rollout(policy, value, TokenReward(), toks, mask, cfg, cfg.kl_coef, eos_id=None,
+        toks, mask = prompts(16, seed=100 + step)
+        batch, stats = rollout(policy, value, TokenReward(), toks, mask, cfg, cfg.kl_coef, eos_id=None,
                                    generator=g)
         ppo.ppo_update(policy, value, optimizer, None, batch, cfg, generator=g)
         scores.append(stats["score"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import llama
 import lora
 import reward
@@ -35,10 +36,9 @@ def test_bradley_terry_loss():
     assert math.isclose(reward.bradley_terry_loss(a, b).item(), expected, rel_tol=1e-6)
 
 
-def test_last_token_hidden_index():
-    h = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])         # left- and right-padded
-    assert reward.last_token_hidden(h, mask).squeeze(-1).tolist() == [4.0, 7.0]
+def test_last_index():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 1, 0, 0]])  # left-, right-padded, a hole
+    assert llama.last_index(mask).tolist() == [4, 2, 2]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -64,7 +64,7 @@ def test_alpaca_farm_layout_round_trip(tmp_path):
     tokens, mask = llama.left_pad(random_seqs([6, 4, 2]))
     with torch.no_grad():
         before = model(tokens, mask)
-    model.save(str(tmp_path / "rm"))
+    checkpoints.save_reward_model(model, str(tmp_path / "rm"))
     keys = set(load_file(str(tmp_path / "rm" / "model.safetensors")))
     for k in ("backbone_model.model.embed_tokens.weight", "backbone_model.model.layers.1.self_attn.q_proj.weight",
               "backbone_model.model.layers.0.mlp.gate_proj.weight", "backbone_model.model.layers.0.input_layernorm.weight",
@@ -72,24 +72,76 @@ def test_alpaca_farm_layout_round_trip(tmp_path):
               "reward_head.weight", "reward_head.bias"):
         assert k in keys, k
     assert all(k.startswith(("backbone_model.model.", "backbone_model.lm_head.", "reward_head.")) for k in keys)
-    assert json.load(open(tmp_path / "rm" / "config.json"))["model_type"] == "reward_model"
-    loaded = reward.RewardModel.from_pretrained(str(tmp_path / "rm")).eval()
+    config = json.load(open(tmp_path / "rm" / "config.json"))
+    assert config["model_type"] == "reward_model" and config["score_eos"] is True   # ours are trained with EOS
+    loaded = checkpoints.load_reward_model(str(tmp_path / "rm")).eval()
+    assert loaded.score_eos
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens, mask), before, rtol=0, atol=0)
 
-    # AlpacaFarm's own files: config.json names only the backbone (the SFT model's directory) and the weights
-    # are a PyTorch .bin state dict
-    os.makedirs(tmp_path / "af")
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_alpaca_farm_checkpoint_loads_and_scores(tmp_path, shards):
+    """AlpacaFarm's own files (save_pretrained under transformers 4.29): config.json names only the backbone (the
+    SFT model's directory), the weights are PyTorch .bin state dicts, single or sharded with an index, and carry
+    every layer's derived rotary table, backbone_model.model.layers.N.self_attn.rotary_emb.inv_freq."""
+    model = tiny_reward_model()
+    tokens, mask = llama.left_pad(random_seqs([6, 4, 2]))
+    with torch.no_grad():
+        before = model(tokens, mask)
+    checkpoints.save_reward_model(model, str(tmp_path / "rm"))
     state = load_file(str(tmp_path / "rm" / "model.safetensors"))
-    torch.save(state, tmp_path / "af" / "pytorch_model.bin")
-    json.dump({"model_type": "reward_model", "architectures": ["RewardModel"],
-               "backbone_model_name_or_path": str(tmp_path / "sft")}, open(tmp_path / "af" / "config.json", "w"))
+    for i in range(model.backbone.cfg.n_layers):
+        state[f"backbone_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    os.makedirs(tmp_path / "af")
+    if shards == 1:
+        torch.save(state, tmp_path / "af" / "pytorch_model.bin")
+    else:
+        names = sorted(state)
+        files = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+        for file, keys in files.items():
+            torch.save({k: state[k] for k in keys}, tmp_path / "af" / file)
+        json.dump({"weight_map": {k: f for f, keys in files.items() for k in keys}},
+                  open(tmp_path / "af" / "pytorch_model.bin.index.json", "w"))
+    json.dump({"model_type": "reward_model", "architectures": ["RewardModel"], "torch_dtype": "float32",
+               "transformers_version": "4.29.2", "backbone_model_name_or_path": str(tmp_path / "sft")},
+              open(tmp_path / "af" / "config.json", "w"))
     with pytest.raises(FileNotFoundError, match="backbone_path"):
-        reward.RewardModel.from_pretrained(str(tmp_path / "af"))
-    llama.save_hf(model.backbone, str(tmp_path / "sft"))
-    af = reward.RewardModel.from_pretrained(str(tmp_path / "af")).eval()
+        checkpoints.load_reward_model(str(tmp_path / "af"))
+    checkpoints.save_llama(model.backbone, str(tmp_path / "sft"))
+    af = checkpoints.load_reward_model(str(tmp_path / "af")).eval()
+    assert not af.score_eos                                    # trained without EOS: scored without it
     with torch.no_grad():
         torch.testing.assert_close(af(tokens, mask), before, rtol=0, atol=0)
+    if shards == 2:                                            # a shard the index names must be there
+        os.remove(tmp_path / "af" / "pytorch_model-00002-of-00002.bin")
+        with pytest.raises(FileNotFoundError, match="pytorch_model-00002-of-00002.bin"):
+            checkpoints.load_reward_model(str(tmp_path / "af"))
+
+
+@pytest.mark.parametrize("score_eos", [True, False])
+def test_reward_score_reads_eos_only_if_trained_with_it(score_eos):
+    """ppo.reward_score on left-padded prompts + right-padded responses: a reward model trained without EOS
+    (AlpacaFarm's) reads each sequence without its final EOS; one trained with it reads it."""
+    import ppo
+    eos = 2
+    model = tiny_reward_model()
+    model.score_eos = score_eos
+    prompts = random_seqs([5, 3, 4, 2], seed=3)
+    responses = [[9, 8, 7, eos], [6, eos], [5, 4, 3, 6], [eos]]  # EOS, EOS, cut off, only EOS
+    tokens_p, mask_p = llama.left_pad(prompts)
+    N = max(map(len, responses))
+    tokens_r = torch.tensor([r + [0] * (N - len(r)) for r in responses])
+    mask_r = torch.tensor([[1] * len(r) + [0] * (N - len(r)) for r in responses])
+    tokens, mask = torch.cat([tokens_p, tokens_r], 1), torch.cat([mask_p, mask_r], 1)
+    with torch.no_grad():
+        got = ppo.reward_score(model, tokens, mask, eos_id=eos)
+        read = [p + (r if score_eos or r[-1] != eos else r[:-1]) for p, r in zip(prompts, responses)]
+        alone = torch.stack([model(torch.tensor([s]))[0] for s in read])
+        with_eos = torch.stack([model(torch.tensor([p + r]))[0] for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
+    if not score_eos:  # control: reading the EOS gives other scores
+        assert (got - with_eos)[[0, 1, 3]].abs().min() > 1e-3
 
 
 def test_save_folds_lora_into_weights(tmp_path):
@@ -104,8 +156,8 @@ def test_save_folds_lora_into_weights(tmp_path):
         with lora.lora_disabled(model):
             base = model(tokens, mask)
     assert (before - base).abs().max() > 1e-3          # the adapters matter
-    model.save(str(tmp_path / "rm"))
-    loaded = reward.RewardModel.from_pretrained(str(tmp_path / "rm")).eval()
+    checkpoints.save_reward_model(model, str(tmp_path / "rm"))
+    loaded = checkpoints.load_reward_model(str(tmp_path / "rm")).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens, mask), before, rtol=0, atol=1e-5)
 
@@ -131,8 +183,8 @@ def test_value_model():
 
 def test_value_model_from_reward_checkpoint(tmp_path):
     rm = tiny_reward_model()
-    rm.save(str(tmp_path / "rm"))
-    value = reward.ValueModel.from_reward_model(str(tmp_path / "rm"), rank=2, alpha=4, dropout=0.0).eval()
+    checkpoints.save_reward_model(rm, str(tmp_path / "rm"))
+    value = reward.ValueModel(checkpoints.load_reward_model(str(tmp_path / "rm")).backbone, rank=2, alpha=4, dropout=0.0).eval()
     tokens, mask = llama.left_pad(random_seqs([5, 3]))
     with torch.no_grad():
         torch.testing.assert_close(value.backbone.hidden(tokens, mask), rm.backbone.hidden(tokens, mask),

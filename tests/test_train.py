@@ -2,6 +2,10 @@
 import json
 import os
 import re
+import resource
+import shutil
+import signal
+import stat
 import subprocess
 import sys
 import time
@@ -9,7 +13,9 @@ import time
 import pytest
 import torch
 
+import checkpoints
 import llama
+import lora
 from reward import RewardModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,9 +35,9 @@ def setup(tmp_path_factory):
     spm.SentencePieceTrainer.train(input=str(d / "text.txt"), model_prefix=str(d / "policy" / "tokenizer"),
                                    vocab_size=CFG.vocab_size, model_type="bpe", byte_fallback=True, minloglevel=2)
     torch.manual_seed(0)
-    llama.save_hf(llama.Llama(CFG), str(d / "policy"))
+    checkpoints.save_llama(llama.Llama(CFG), str(d / "policy"))
     torch.manual_seed(1)
-    RewardModel(CFG).save(str(d / "reward"))
+    checkpoints.save_reward_model(RewardModel(CFG), str(d / "reward"))
     records = [{"instruction": f"Sort the words: {l}", "input": ""} for l in lines[:40]]
     (d / "prompts.json").write_text(json.dumps(records))
     return d
@@ -58,10 +64,30 @@ def metrics(out):
 DETERMINISTIC = ("score", "penalty", "true_kl", "response_length", "loss", "pg_loss", "vf_loss", "grad_norm")
 
 
-def test_resume_equals_uninterrupted(setup, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    r = run(base_args(setup, full, "--steps", "4"))
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    """A 4-step run, start to end: what every interrupted-and-resumed run must reproduce exactly."""
+    out = tmp_path_factory.mktemp("full") / "o"
+    r = run(base_args(setup, out, "--steps", "4"))
     assert r.returncode == 0, r.stderr
+    return out
+
+
+def assert_same_run(a, b):
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in mb] == [m["step"] for m in ma] == [1, 2, 3, 4]
+    for x, y in zip(ma, mb):
+        for k in DETERMINISTIC:
+            assert x[k] == y[k], (x["step"], k, x[k], y[k])
+    from safetensors.torch import load_file
+    wa = load_file(str(a / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted(setup, uninterrupted, tmp_path):
+    part = tmp_path / "part"
     # the same run, killed (SIGKILL) as soon as its first checkpoint is published, then resumed
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *base_args(setup, part, "--steps", "4")],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -74,18 +100,121 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     r = run(base_args(setup, part, "--steps", "4", "--resume"))
     assert r.returncode == 0, r.stderr
     assert f"resumed from {part}/checkpoint at step {killed_at}" in r.stdout
-    a, b = metrics(full), metrics(part)
-    assert [m["step"] for m in b] == [1, 2, 3, 4]
-    for m in a:  # the timings are logged: generation and scoring are parts of the rollout
+    assert f"took over {part}/.lock from PID {p.pid}, which is no longer running" in r.stdout
+    assert_same_run(uninterrupted, part)
+    for m in metrics(uninterrupted):  # the timings are logged: generation and scoring are parts of the rollout
         assert min(m[k] for k in ("time_generate", "time_score", "time_train", "tokens_per_s")) > 0, m
         assert m["time_generate"] + m["time_score"] <= m["time_rollout"], m
-    for ma, mb in zip(a, b):
-        for k in DETERMINISTIC:
-            assert ma[k] == mb[k], (ma["step"], k, ma[k], mb[k])
-    from safetensors.torch import load_file
-    wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
-    wb = load_file(str(part / "adapter" / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_files_get_the_usual_permissions(uninterrupted):
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "checkpoint/state.pt",
+              "checkpoint/policy_adapter/adapter_model.safetensors", "metrics.jsonl"):
+        assert stat.S_IMODE(os.stat(uninterrupted / f).st_mode) == 0o666 & ~umask, f
+
+
+def wait_for_step(out, step, p, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout and p.poll() is None:
+        if (out / "metrics.jsonl").exists() and any(f'"step": {step},' in l for l in open(out / "metrics.jsonl")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {step}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_ctrl_c_saves_the_last_step_and_resume_is_exact(setup, uninterrupted, tmp_path, launcher):
+    part = tmp_path / "part"
+    cmd = ([sys.executable] if launcher == "python" else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"])
+    # no periodic checkpoint: whatever is saved, Ctrl-C saved it
+    p = subprocess.Popen(cmd + [os.path.join(ROOT, "train.py"), *base_args(setup, part, "--steps", "4",
+                                                                           "--save-every", "100")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    wait_for_step(part, 2, p)
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground process group
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == (130 if launcher == "python" else 1), err
+    step = torch.load(part / "checkpoint" / "state.pt", weights_only=True)["step"]
+    line = f"interrupted (SIGINT): the checkpoint of step {step} is in {part}/checkpoint (--resume continues from it)"
+    ours = [l for l in err.splitlines() if not l.startswith(("W", "I", " ", "Traceback", "torch."))]
+    assert step >= 2 and ours == [line], err  # (torchrun adds its own report of the signal)
+    r = run(base_args(setup, part, "--steps", "4", "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert_same_run(uninterrupted, part)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_out_is_refused(setup, tmp_path):
+    out = tmp_path / "o"
+    a = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *base_args(setup, out, "--steps", "50")],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(out, 1, a)
+    before = (out / "metrics.jsonl").read_text()
+    r = run(base_args(setup, out, "--steps", "1"))
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: --out {out} is in use by another run (PID {a.pid}, {out}/.lock); wait for it to finish or choose "
+        f"another --out"), r.stderr
+    assert (out / "metrics.jsonl").read_text().startswith(before) and not (out / "previous-1").exists()
+    a.kill()
+    a.wait()
+
+
+@pytest.mark.slow
+def test_a_worker_stops_when_its_launcher_dies(setup, tmp_path):
+    out = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          os.path.join(ROOT, "train.py"), *base_args(setup, out, "--steps", "50", "--save-every", "100")],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_step(out, 1, p)
+    worker = int((out / ".lock").read_text())  # rank 0 holds OUT's lock
+    assert worker != p.pid
+    p.kill()  # kill -9 of torchrun: it forwards nothing
+    p.wait()
+    t = time.time()
+    while os.path.exists(f"/proc/{worker}") and time.time() - t < 60:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{worker}"), "the worker outlived its launcher"
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] >= 1  # and saved on the way out
+
+
+@pytest.mark.slow
+def test_a_full_disk_leaves_the_previous_checkpoint_whole(setup, tmp_path):
+    out = tmp_path / "o"
+    assert run(base_args(setup, out, "--steps", "1")).returncode == 0
+    state = (out / "checkpoint" / "state.pt").read_bytes()
+    limit = len(state) - 1  # every file may grow to this size: the next state.pt cannot be written
+
+    def small_files():  # EFBIG at the limit, the way ENOSPC fails a write, instead of SIGXFSZ killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *base_args(setup, out, "--steps", "2",
+                                                                                   "--resume")],
+                       cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: could not write the checkpoint of step 2 to {out}/checkpoint.tmp") and \
+        r.stderr.strip().endswith(f"{out}/checkpoint is unchanged"), r.stderr
+    assert (out / "checkpoint" / "state.pt").read_bytes() == state and not (out / "checkpoint.tmp").exists()
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_changes_no_number(setup, tmp_path):
+    """--activation-checkpointing recomputes each block in backward with the dropout masks of the forward, so a
+    run gives exactly the metrics and adapter of the run without it (on the CPU the default is off)."""
+    runs = {}
+    for flag in ("--no-activation-checkpointing", "--activation-checkpointing"):
+        r = run(base_args(setup, tmp_path / flag, "--steps", "2", flag))
+        assert r.returncode == 0, r.stderr
+        assert f"activation checkpointing {'off' if 'no' in flag else 'on'}" in r.stdout
+        runs[flag] = r.stdout
+    a, b = (metrics(tmp_path / f) for f in runs)
+    assert [{k: m[k] for k in DETERMINISTIC} for m in a] == [{k: m[k] for k in DETERMINISTIC} for m in b]
+    checksum = lambda out: re.search(r"trainable checksum (\S+)", out).group(1)
+    assert checksum(runs["--no-activation-checkpointing"]) == checksum(runs["--activation-checkpointing"])
 
 
 def test_a_new_run_never_overwrites_an_earlier_one(setup, tmp_path):
@@ -94,14 +223,16 @@ def test_a_new_run_never_overwrites_an_earlier_one(setup, tmp_path):
         r = run(base_args(setup, out, "--steps", "1", "--seed", str(i)))
         assert r.returncode == 0, r.stderr
     run_files = ["adapter", "checkpoint", "metrics.jsonl"]
-    assert sorted(p.name for p in out.iterdir()) == run_files + ["previous-1", "previous-2"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"] + run_files + ["previous-1", "previous-2"]
+    assert (out / ".lock").read_text() == ""  # released: the last run ended
     for prev, seed in ((out / "previous-1", 1), (out / "previous-2", 2), (out, 3)):  # each run's files, whole
-        assert sorted(p.name for p in prev.iterdir() if "previous" not in p.name) == run_files
+        assert sorted(p.name for p in prev.iterdir() if "previous" not in p.name and p.name != ".lock") == run_files
         assert torch.load(prev / "checkpoint" / "state.pt", weights_only=True)["args"]["seed"] == seed
         assert [m["step"] for m in metrics(prev)] == [1]
     assert f"to {out}/previous-2 (`--out {out}/previous-2 --resume` would continue it)" in r.stdout
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_identical_weights(setup, tmp_path):
     out = tmp_path / "ddp"
     r = run(base_args(setup, out, "--steps", "2"), torchrun=True, nproc=2)
@@ -127,25 +258,42 @@ def test_dry_run_7b():
     # second (both keep the unused LM head, as AlpacaFarm's files do); trainable: fp32 weight, grad, 2 Adam moments
     assert row("two-device")[-2:] == [f"{2 * 6_738_415_616 * 2 / 2**30:.2f}", f"{16_781_313 * 16 / 2**30:.2f}"]
     assert row("             cuda:1")[-1] == f"{(2 * 6_738_415_616 + 4097) * 2 / 2**30:.2f}"
+    # one device: both base models once (the reference is the policy, the reward model the value backbone), plus
+    # the reward head (4096 + 1)
+    assert row("one-device")[-2:] == [f"{(2 * 6_738_415_616 + 4097) * 2 / 2**30:.2f}", f"{16_781_313 * 16 / 2**30:.2f}"]
     assert "one-device" in r.stdout and "two-device" in r.stdout
+    # the peak table: micro-batches 8, 16, 32 with and without checkpointing; with it, a layer keeps one
+    # input per token, so at the paper's 16 the update falls below generation, whose peak is the weights,
+    # Adam's state and the KV cache: 2 (k, v) x 32 layers x 64 sequences x 492 tokens x 4096 x 2 bytes,
+    # plus one block of the 64 x 192-token prompt (2 x 4096 + 3 x 11008 values of 2 bytes per token)
+    table = {(int(r[2]), r[3]): [float(x) for x in r[4:]] for r in map(str.split, lines)
+             if r[:2] == ["one-device", "cuda:0"] and len(r) == 8}
+    assert sorted(table) == [(m, c) for m in (8, 16, 32) for c in ("off", "on")]
+    generate, score, update, peak = table[16, "on"]
+    weights = (2 * 6_738_415_616 + 4097) * 2 + 16_781_313 * 16
+    kv, prompt = 2 * 32 * 64 * 492 * 4096 * 2, 64 * 192 * (2 * 4096 + 3 * 11008) * 2
+    assert update < generate and peak == round((weights + kv + prompt) / 2**30, 2) <= 44
+    assert table[16, "off"][2] > 10 * update and table[16, "off"][3] > 80
 
 
 def test_dry_run_activation_estimate_against_autograd():
-    """train.saved_bytes_per_token_layer against the bytes autograd really keeps (saved_tensors_hooks, storages
+    """plan.saved_bytes_per_token_layer against the bytes autograd really keeps (saved_tensors_hooks, storages
     counted once, parameters excluded), per layer: the difference between a 2- and a 1-layer LoRA model. On the
     CPU dropout keeps its mask in the input dtype, not 1 byte, and the formula leaves out small terms, so the
     measurement may exceed it, by at most 20% here (14-18% measured); dropping a term (SwiGLU is ~40% of
-    it) or double counting fails. On an H100 the 7B estimate came within 2% of the measured peak."""
+    it) or double counting fails. With activation checkpointing a block keeps exactly its input (the
+    checkpoint saves it through the same hooks; what the block saved inside is recomputed in backward)."""
     import lora
-    import train
+    import plan
 
-    def saved(n_layers, dtype, kv):
+    def saved(n_layers, dtype, kv, checkpointing):
         cfg = llama.LlamaConfig(dim=256, n_layers=n_layers, n_heads=8, n_kv_heads=kv, vocab_size=256,
                                 hidden_dim=688, max_seq_len=128)
         torch.manual_seed(0)
         model = llama.Llama(cfg).to(dtype)
         lora.add_lora(model, rank=8, alpha=64, dropout=0.1, lora_dtype=torch.float32)
         model.train()
+        model.activation_checkpointing = checkpointing
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         kept, storages = [], {}
 
@@ -161,49 +309,108 @@ def test_dry_run_activation_estimate_against_autograd():
 
     for dtype, w in ((torch.float32, 4), (torch.bfloat16, 2)):
         for kv in (8, 2):
-            (two, cfg), (one, _) = saved(2, dtype, kv), saved(1, dtype, kv)
+            (two, cfg), (one, _) = saved(2, dtype, kv, False), saved(1, dtype, kv, False)
             per_token_layer = (two - one) / 96
-            estimate = train.saved_bytes_per_token_layer(cfg, w)
+            estimate = plan.saved_bytes_per_token_layer(cfg, w)
             assert estimate <= per_token_layer <= 1.2 * estimate, (dtype, kv, per_token_layer, estimate)
+            (two, _), (one, _) = saved(2, dtype, kv, True), saved(1, dtype, kv, True)
+            assert (two - one) / 96 == plan.saved_bytes_per_token_layer(cfg, w, checkpointing=True) == w * cfg.dim
 
 
-BAD = {"estimator": "valid names: kl, clamped_kl", "no_prompts": "does not exist", "bad_record": "record 1",
-       "missing_ckpt": "no weights", "divide": "not divisible", "device": "does not exist on this machine",
-       "partial_args": "together", "resume_nothing": "is missing", "nan": "stopped at PPO step 1, the checkpoint of step 0"}
+def flag(name, value):
+    return lambda d, args, tmp: args + [name, value]
+
+
+def prompts_file(text, binary=False):
+    def edit(d, args, tmp):
+        (tmp / "p.json").write_bytes(text) if binary else (tmp / "p.json").write_text(text)
+        args[args.index("--prompts") + 1] = str(tmp / "p.json")
+        return args
+    return edit
+
+
+def out_at(path):
+    def edit(d, args, tmp):
+        (tmp / "file").write_text("x")
+        args[args.index("--out") + 1] = str(tmp / path)
+        return args
+    return edit
+
+
+def resume_with(name, content):
+    """--resume from a copy of a finished run whose file `name` is replaced by `content` (bytes)."""
+    def edit(d, args, tmp):
+        import shutil
+        shutil.copytree(d["full"], tmp / "o", dirs_exist_ok=True)
+        target = tmp / "o" / name
+        target.write_bytes(content(target.read_bytes()) if callable(content) else content)
+        return args + ["--resume", "--steps", "5"]
+    return edit
+
+
+def no_weights(d, args, tmp):
+    (tmp / "empty").mkdir()
+    for f in ("config.json", "tokenizer.model"):
+        (tmp / "empty" / f).write_bytes((d["setup"] / "policy" / f).read_bytes())
+    args[args.index("--policy") + 1] = str(tmp / "empty")
+    return args
+
+
+# case -> (how the good command is spoiled, what the one line must say)
+BAD = {
+    "estimator": (flag("--estimator", "kll"), "valid names: kl, clamped_kl"),
+    "no_prompts": (lambda d, a, t: a[:a.index("--prompts") + 1] + [str(t / "none.json")] + a[a.index("--prompts") + 2:],
+                   "does not exist"),
+    "bad_record": (prompts_file('{"instruction": "a"}\n{"input": "b"}\n'), "record 1"),
+    "not_utf8": (prompts_file(b'[{"instruction": "caf\xe9"}]', binary=True), "p.json: not UTF-8 text"),
+    "missing_weights": (no_weights, "no weights"),
+    "divide": (flag("--step-batch-size", "3"), "not divisible"),
+    "no_gpu": (flag("--devices", "cuda:7"), "does not exist on this machine"),
+    "empty_devices": (flag("--devices", ""), "--devices: '' is not a device name"),
+    "meta_device": (flag("--devices", "meta"), "--devices: meta is not supported"),
+    "partial_args": (lambda d, a, t: a[2:], "together"),
+    "temperature": (flag("--temperature", "-1"), "--temperature must be a finite number >= 0"),
+    "top_p_0": (flag("--top-p", "0"), "--top-p must be in (0, 1]"),
+    "top_p_2": (flag("--top-p", "2"), "--top-p must be in (0, 1]"),
+    "warmup": (flag("--warmup-steps", "-5"), "--warmup-steps must be at least 0"),
+    "kl_negative": (flag("--kl-coef", "-5"), "--kl-coef must be a finite number >= 0"),
+    "kl_nan": (flag("--kl-coef", "nan"), "--kl-coef must be a finite number >= 0"),
+    "kl_inf": (flag("--kl-coef", "inf"), "--kl-coef must be a finite number >= 0"),
+    "no_eos_nan": (flag("--no-eos-penalty", "nan"), "--no-eos-penalty must be a finite number"),
+    "alpha_nan": (flag("--lora-alpha", "nan"), "--lora-alpha must be a finite number > 0"),
+    "out_is_a_file": (out_at("file"), "is a file, not a directory"),
+    "out_under_a_file": (out_at("file/o"), "cannot write there (Not a directory)"),
+    "resume_nothing": (flag("--resume", None), "is missing"),
+    "resume_truncated_state": (resume_with("checkpoint/state.pt", lambda b: b[:len(b) // 2]),
+                               "checkpoint/state.pt is not a readable checkpoint file"),
+    "resume_empty_state": (resume_with("checkpoint/state.pt", b""), "state.pt is not a readable checkpoint file"),
+    "resume_garbage_rng": (resume_with("checkpoint/rng-rank0.pt", b"garbage" * 10),
+                           "rng-rank0.pt is not a readable checkpoint file"),
+    "resume_bad_metrics": (resume_with("metrics.jsonl", lambda b: b.replace(b"\n", b"\n{oops\n", 1)),
+                           "metrics.jsonl: line 2 is not a metrics line"),
+    "nan": (flag("--lr", "1e30"), "stopped at PPO step 1, the checkpoint of step 0"),  # 1e30 overflows
+}
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_clear_message(setup, tmp_path, case):
+def test_bad_input_ends_in_one_line(setup, uninterrupted, tmp_path, case, capsys):
+    """Each bad flag or file ends in one line naming it, exit status 1, and no file in OUT changed (except
+    after a NaN: the last good step is saved)."""
     import train
-    args = base_args(setup, tmp_path / "o")
-    if case == "estimator":
-        args += ["--estimator", "kll"]
-    elif case == "no_prompts":
-        args[args.index("--prompts") + 1] = str(tmp_path / "none.json")
-    elif case == "bad_record":
-        (tmp_path / "p.jsonl").write_text('{"instruction": "a"}\n{"input": "b"}\n')
-        args[args.index("--prompts") + 1] = str(tmp_path / "p.jsonl")
-    elif case == "missing_ckpt":
-        (tmp_path / "empty").mkdir()
-        (tmp_path / "empty" / "config.json").write_text((setup / "policy" / "config.json").read_text())
-        (tmp_path / "empty" / "tokenizer.model").write_bytes((setup / "policy" / "tokenizer.model").read_bytes())
-        args[args.index("--policy") + 1] = str(tmp_path / "empty")
-    elif case == "divide":
-        args += ["--step-batch-size", "3"]
-    elif case == "device":
-        args += ["--devices", "cuda:7"]
-    elif case == "partial_args":
-        args = args[2:]
-    elif case == "resume_nothing":
-        args += ["--resume"]
-    else:
-        args += ["--lr", "1e30"]  # weights of 1e30 overflow the next forward
+    spoil, message = BAD[case]
+    args = spoil({"setup": setup, "full": uninterrupted}, base_args(setup, tmp_path / "o"), tmp_path)
+    args = [a for a in args if a is not None]
+    files = lambda: {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file() and p.name != ".lock"}
+    before = files() if (tmp_path / "o").is_dir() else {}
     threads = torch.get_num_threads()
-    with pytest.raises((ValueError, FileNotFoundError, FloatingPointError), match=BAD[case]):
-        train.main(args)
+    assert train.cli(args) == 1
     torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     if case == "nan":  # the weights of the last finished step were saved, and the run can resume from them
         assert torch.load(tmp_path / "o" / "checkpoint" / "state.pt", weights_only=True)["step"] == 0
+    elif (tmp_path / "o").is_dir():
+        assert files() == before
 
 
 def test_out_of_gpu_memory_is_one_line(setup, tmp_path, monkeypatch, capsys):
@@ -212,7 +419,7 @@ def test_out_of_gpu_memory_is_one_line(setup, tmp_path, monkeypatch, capsys):
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(ppo, "rollout", oom)
+    monkeypatch.setattr(ppo, "generate_responses", oom)
     threads = torch.get_num_threads()
     assert train.cli(base_args(setup, tmp_path / "o")) == 1
     torch.set_num_threads(threads)
@@ -224,3 +431,70 @@ def test_bad_input_is_one_line_on_the_command_line(setup, tmp_path):
     r = run(base_args(setup, tmp_path / "o", "--estimator", "kll"))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: unknown divergence"), r.stderr
+
+
+def test_lr_schedule_decays_over_the_papers_horizon():
+    import train
+    paper = train.lr_schedule(train.Args())
+    assert [paper(s) for s in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    # then linear to 0 at step 780 (10 epochs x ~20k prompts / 256), as the paper's fork: 0.88 lr at step 100,
+    # a mean of 0.94 lr over steps 6-100 (decaying to 0 at step 100 would give 0.51)
+    assert paper(99) == pytest.approx((780 - 99) / 775) and round(paper(99), 2) == 0.88
+    assert sum(paper(s) for s in range(5, 100)) / 95 == pytest.approx(0.939, abs=1e-3)
+    world = train.lr_schedule(train.WORLD)  # the small world still decays to 0 at --steps
+    assert [world(s) for s in range(30)] == [min((s + 1) / 5, max(0.0, (30 - s) / 25)) for s in range(30)]
+    with pytest.raises(ValueError, match="--decay-steps must be at least --steps 1000"):
+        train.parse_args(["--policy", "p", "--reward", "r", "--prompts", "x", "--steps", "1000"])
+
+
+class RunsCode:
+    """Unpickling this creates a directory: a loader must refuse it before that happens."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+# bad files end in one line naming the file: case -> (file, how it is spoiled, message fragment)
+SPOILED = {"policy_truncated": ("policy/model.safetensors", "truncate", "not a readable safetensors file"),
+           "policy_empty": ("policy/model.safetensors", "empty", "not a readable safetensors file"),
+           "reward_truncated": ("reward/model.safetensors", "truncate", "not a readable safetensors file"),
+           "policy_pickle": ("policy/pytorch_model.bin", "pickle", "could run code"),
+           "tokenizer_garbage": ("policy/tokenizer.model", "garbage", "expected a sentencepiece model"),
+           "heads_zero": ("policy/config.json", "heads", "num_attention_heads = 0 must be a positive integer"),
+           "adapter_truncated": ("adapter/adapter_model.safetensors", "truncate", "not a readable safetensors file"),
+           "adapter_pickle": ("adapter/adapter_model.bin", "pickle", "could run code")}
+
+
+@pytest.mark.parametrize("case", list(SPOILED))
+def test_bad_files_one_line(setup, tmp_path, capsys, case):
+    import sample
+    import train
+    file, how, fragment = SPOILED[case]
+    for name in ("policy", "reward"):
+        shutil.copytree(setup / name, tmp_path / name)
+    model = llama.Llama(CFG)
+    lora.add_lora(model, rank=2, alpha=4)
+    checkpoints.save_adapter(model, str(tmp_path / "adapter"))
+    path = tmp_path / file
+    if how in ("truncate", "empty"):
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2 if how == "truncate" else 0])
+    elif how == "pickle":
+        os.remove(path.with_name("model.safetensors" if "policy" in file else "adapter_model.safetensors"))
+        torch.save({"x": torch.zeros(2), "y": RunsCode(str(tmp_path / "ran"))}, path)
+    elif how == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "num_attention_heads": 0}))
+    threads = torch.get_num_threads()
+    if file.startswith("adapter"):
+        code = sample.cli(["--checkpoint", str(tmp_path / "policy"), "--adapter", str(tmp_path / "adapter"),
+                           "--prompt", "red", "--max-new-tokens", "2"])
+    else:
+        code = train.cli(base_args(setup, tmp_path / "o", "--policy", str(tmp_path / "policy"),
+                                   "--reward", str(tmp_path / "reward")))
+    torch.set_num_threads(threads)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {path}") and fragment in err[0], err
+    assert not (tmp_path / "ran").exists()

@@ -8,10 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
+import checkpoints
 import llama
-import reward
 import tasks
 import world
 
@@ -219,10 +218,10 @@ def test_bootstrap_writes_loadable_files_and_says_what_it_does(built):
     assert all(line.endswith(" in all)") for line in stages), "every stage says its time"
     tok = llama.Tokenizer(paths["tokenizer"])
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words) == (1, 2, 3, 384)
-    policy = llama.Llama.from_pretrained(paths["policy"])
+    policy = checkpoints.load_llama(paths["policy"])
     assert policy.cfg.vocab_size == tok.n_words and policy.cfg.dim == TINY.dim
     assert os.path.exists(os.path.join(paths["policy"], "tokenizer.model"))
-    rm = reward.RewardModel.from_pretrained(paths["reward"])
+    rm = checkpoints.load_reward_model(paths["reward"])
     assert rm.backbone.cfg == policy.cfg
     prompts, ev, pairs = (json.load(open(paths[k])) for k in ("prompts", "eval", "pairs"))
     assert len(prompts) == TINY.n_ppo and all({"instruction", "input"} <= set(r) for r in prompts)
@@ -315,7 +314,6 @@ def test_damaged_world_is_one_line(tmp_path):
 def test_torchrun_train_end_to_end_on_the_small_world(built, tmp_path):
     """`torchrun train.py --estimator js` with no checkpoints: the (tiny) world in --world-dir, PPO, evaluation
     by the gold annotator, metrics and a PEFT adapter; cfg=None takes the built world as it is."""
-    import lora
     out, _, _ = built
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            os.path.join(ROOT, "train.py"), "--estimator", "js", "--world-dir", os.path.dirname(out),
@@ -329,6 +327,6 @@ def test_torchrun_train_end_to_end_on_the_small_world(built, tmp_path):
         assert 0 <= m["eval_win_rate"] <= 1 and 0 <= m["eval_accuracy"] <= 1 and math.isfinite(m["eval_true_kl"])
     assert metrics[0]["eval_true_kl"] == 0.0  # step 0 is the SFT policy itself
     assert all(math.isfinite(m["true_kl"]) and math.isfinite(m["loss"]) for m in metrics[1:])
-    policy = llama.Llama.from_pretrained(os.path.join(out, "sft"))
-    lora.load_adapter(policy, str(tmp_path / "run" / "adapter"))
+    policy = checkpoints.load_llama(os.path.join(out, "sft"))
+    checkpoints.load_adapter(policy, str(tmp_path / "run" / "adapter"))
     assert len(json.load(open(tmp_path / "run" / "eval" / "step0002.json"))) == TINY.n_eval

@@ -1,0 +1,166 @@
+"""What each penalty does to the gradient: exact expectations on a tiny autoregressive policy.
+
+divergences.py says what each per-token penalty D_t = D(log pi_theta(y_t|y_<t), log pi_ref(y_t|y_<t))
+estimates in value. Training uses its gradient, and that depends on where D is placed:
+
+- in the reward (paper Eq. 3, as PPO uses it): r_t = -beta D_t is computed at rollout and enters the
+  return; the policy gradient reaches theta only through log pi_theta, by the score function, with the
+  reward-to-go:  g = E_y[ sum_t grad log pi_theta(y_t|y_<t) * sum_{s>=t} D_s ],  D held constant;
+- as a loss (GRPO, TRL's kl_estimator): beta * D_t is added to the loss and differentiated directly,
+  the sampled y held fixed:  g = E_y[ sum_t grad D_t ].
+
+The two add up to grad E_y[sum_t D_t] (through the sampling + through D). Minimizing beta * penalty
+moves theta along -g, so an ideal penalty has g = grad KL(pi_theta || pi_ref) of the whole sequence
+distribution; the JS rows are held to grad JS of the sequence distributions, which no per-token value
+estimates when T > 1 (JS has no chain rule), so the table also prints cos(grad JS, grad KL).
+
+The policy is tabular: one row of logits per prefix y_<t, over V tokens for T steps; all V^T sequences
+are enumerated, every expectation over y ~ pi_theta is an exact float64 sum weighted by pi_theta(y), and
+gradients come from autograd. See Schulman (2020), "Approximating KL divergence", and Tang & Munos
+(2025), "On a few pitfalls in KL divergence gradient estimation for RL", arXiv 2506.09477.
+
+Run `python gradients.py` (`python divergences.py` prints it after the value table) for the table
+"What the penalties do to the gradient"; tests/test_gradients.py asserts the exact identities.
+"""
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+import divergences as D
+
+PLACEMENTS = ("reward", "loss")
+AGAINST = {name: "JS" if D.TARGETS[name] == "JS" else "KL" for name in D.ESTIMATORS}   # grad of what
+
+
+def sequences(V, T):
+    """All V^T sequences y, (N, T) with N = V^T, in lexicographic order."""
+    return torch.tensor(list(itertools.product(range(V), repeat=T)), dtype=torch.long)
+
+
+def prefix_rows(y, V):
+    """Row of the logit table that holds pi(. | y_<t), for every sequence and step: (N, T) -> (N, T).
+    The table lists prefixes by length, then as base-V numbers: the V^t prefixes of length t start at
+    row 1 + V + ... + V^(t-1)."""
+    rows = torch.zeros_like(y)
+    start, code = 0, torch.zeros_like(y[:, 0])   # code = y_<t as a base-V number, (N,)
+    for t in range(y.shape[1]):
+        rows[:, t] = start + code
+        start, code = start + V ** t, code * V + y[:, t]
+    return rows
+
+
+def token_logprobs(logits, y):
+    """log pi(y_t | y_<t) of every token of every sequence: logits (sum_t V^t, V), y (N, T) -> (N, T)."""
+    logp = F.log_softmax(logits, dim=-1)[prefix_rows(y, logits.shape[-1])]     # (N, T, V)
+    return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def demo_policy(scale, V=4, T=3, seed=0):
+    """A fixed pair of tabular policies over V tokens and T steps: policy logits ~ 2 N(0, 1), reference
+    logits = policy logits + scale * N(0, 1). Returns float64 (logits, ref_logits), each (sum_t V^t, V),
+    the policy's with requires_grad."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(V ** t for t in range(T))
+    logits = 2.0 * torch.randn(n, V, generator=g, dtype=torch.float64)
+    ref_logits = logits + scale * torch.randn(n, V, generator=g, dtype=torch.float64)
+    return logits.requires_grad_(), ref_logits
+
+
+def grad(scalar, logits):
+    if not scalar.requires_grad:                    # `none` does not depend on theta: its gradient is 0
+        return torch.zeros_like(logits)
+    return torch.autograd.grad(scalar, logits)[0]
+
+
+# ---- the targets: grad KL and grad JS of the sequence distributions -----------------------------------
+
+def true_divergence(which, logits, ref_logits, y):
+    """KL(pi_theta || pi_ref) or JS of the distributions over whole sequences: the V^T sequences as the
+    outcomes of one categorical, log pi(y) = sum_t log pi(y_t|y_<t)."""
+    logp, logq = token_logprobs(logits, y).sum(-1), token_logprobs(ref_logits, y).sum(-1)   # (N,)
+    fn = {"KL": D.kl_true, "JS": D.js_true}[which]
+    return fn(logp, logq, dtype=torch.float64)       # log-probs are logits: their log_softmax is themselves
+
+
+# ---- the two placements -----------------------------------------------------------------------------
+
+def penalties(name, logits, ref_logits, y):
+    """D_t of every token of every sequence, (N, T), differentiable in the policy's logits."""
+    return D.get_estimator(name)(token_logprobs(logits, y), token_logprobs(ref_logits, y))
+
+
+def score_gradient(logits, y, returns):
+    """E_y[sum_t grad log pi_theta(y_t|y_<t) returns_t] for returns (N, T) held constant: the expectation
+    of the policy-gradient estimator, y ~ pi_theta summed exactly."""
+    logp = token_logprobs(logits, y)                        # (N, T)
+    w = logp.sum(-1).exp().detach()                         # (N,) pi_theta(y): sampling is not differentiated
+    return grad((w * (logp * returns.detach()).sum(-1)).sum(), logits)
+
+
+def reward_to_go(d):
+    """sum_{s>=t} D_s, (N, T) -> (N, T): the return of step t with gamma = 1 and no other reward."""
+    return d.flip(-1).cumsum(-1).flip(-1)
+
+
+def in_reward(name, logits, ref_logits, y):
+    """Expected gradient of the penalty placed in the reward (Eq. 3): score function, reward-to-go. It is
+    the expectation of PPO's first, on-policy step (ratio 1, no clipping) with gamma = lambda = 1; a value
+    baseline changes its variance, not its expectation."""
+    return score_gradient(logits, y, reward_to_go(penalties(name, logits, ref_logits, y).detach()))
+
+
+def as_loss(name, logits, ref_logits, y):
+    """Expected gradient of the penalty as a loss term: E_y[sum_t grad D_t], y ~ pi_theta held fixed."""
+    w = token_logprobs(logits, y).sum(-1).exp().detach()     # (N,) pi_theta(y)
+    return grad((w * penalties(name, logits, ref_logits, y).sum(-1)).sum(), logits)
+
+
+def compare(g, g_true):
+    """(relative error ||g - g*|| / ||g*||, size ||g|| / ||g*||, cosine); cosine None when g = 0 (up to
+    float64 rounding). Size and cosine determine the error: error^2 = 1 + size^2 - 2 size cosine."""
+    g, g_true = g.flatten(), g_true.flatten()
+    rel, size = ((g - g_true).norm() / g_true.norm()).item(), (g.norm() / g_true.norm()).item()
+    if size <= 1e-12:
+        return rel, size, None
+    return rel, size, (g @ g_true / (g.norm() * g_true.norm())).item()
+
+
+# ---- the README table -------------------------------------------------------------------------------
+
+def table(scales=D.DEMO_SCALES, V=4, T=3):
+    """Per pair: (KL, JS, cos(grad JS, grad KL)); rows (pair, estimator, placement, compared to, error,
+    size, cosine)."""
+    y = sequences(V, T)
+    pairs, rows = {}, []
+    for pair, scale in scales.items():
+        logits, ref_logits = demo_policy(scale, V, T)
+        value = {k: true_divergence(k, logits, ref_logits, y) for k in ("KL", "JS")}
+        g_true = {k: grad(v, logits) for k, v in value.items()}
+        pairs[pair] = (value["KL"].item(), value["JS"].item(), compare(g_true["JS"], g_true["KL"])[2])
+        for name in D.ESTIMATORS:
+            for placement, fn in (("reward", in_reward), ("loss", as_loss)):
+                g = fn(name, logits, ref_logits, y)
+                rows.append((pair, name, placement, AGAINST[name], *compare(g, g_true[AGAINST[name]])))
+    return pairs, rows
+
+
+def print_table(scales=D.DEMO_SCALES, V=4, T=3):
+    pairs, rows = table(scales, V, T)
+    print(f"tabular policy, V = {V} tokens, T = {T} steps: exact sums over {V ** T} sequences")
+    for pair, (kl_, js_, cos) in pairs.items():
+        print(f"{pair}: reference logits = policy logits + {scales[pair]} N(0, 1); "
+              f"sequence KL = {kl_:.5f}, JS = {js_:.5f}, cos(grad JS, grad KL) = {cos:.3f}")
+    print("\n| estimator | placement | vs | " + " | ".join(f"{p}: error | size | cosine" for p in pairs) + " |")
+    print("|---|---|---|" + "---:|" * 3 * len(pairs))
+    for name in D.ESTIMATORS:
+        for placement in PLACEMENTS:
+            cells = []
+            for _, _, _, target, rel, size, cos in (r for r in rows if r[1] == name and r[2] == placement):
+                rel = 0.0 if rel < 1e-12 else rel                     # exact zeros, not rounding noise
+                cells.append(f"{rel:.3f} | {size:.3f} | " + ("n/a" if cos is None else f"{cos:+.3f}"))
+            print(f"| {name} | {placement} | grad {target} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    print_table()

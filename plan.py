@@ -1,0 +1,124 @@
+"""
+The memory plan of a run (`train.py --dry-run`): the real models built on PyTorch's meta device, so their
+parameters are counted exactly and nothing is allocated; activations estimated from what autograd keeps.
+The peak of a device is its weights and trainable state plus the largest of the step's three phases
+(generate, score, update), for each micro-batch size with and without activation checkpointing.
+
+    python train.py --preset llama-7b --dry-run
+"""
+import torch
+
+import checkpoints
+import llama
+import lora
+from reward import RewardModel, ValueModel
+
+
+def saved_bytes_per_token_layer(cfg, w, checkpointing=False):
+    """What autograd keeps per token and layer when training LoRA on wq, wk, wv, wo (frozen projections keep
+    no input), w = weight bytes: both RMSNorms' fp32 inputs (8 dim), LoRA dropout's output and 1-byte mask on the
+    4 projections (4 (w + 1) dim), SDPA's q, k, v and output (4 w dim; grouped-query k, v are repeated first)
+    and SwiGLU's gate, up and silu outputs (3 w hidden_dim). Small terms (rank-8 intermediates, SDPA's
+    log-sum-exp) are left out. With activation checkpointing a block keeps only its input (w dim); backward
+    recomputes the rest of one block at a time."""
+    if checkpointing:
+        return w * cfg.dim
+    return 8 * cfg.dim + 4 * (w + 1) * cfg.dim + 4 * w * cfg.dim + 3 * w * cfg.hidden_dim
+
+
+def phase_bytes(cfg, args, w, micro_batch, checkpointing):
+    """Bytes the three phases add on the training device on top of the weights and trainable state."""
+    P, N, G, b, V = args.max_prompt_tokens, args.max_new_tokens, args.generate_batch_size, micro_batch, cfg.vocab_size
+    T = P + N
+    head = cfg.vocab_size * cfg.dim * 4 if w != 4 else 0  # the fp32 copy of the LM head (ppo.response_logits)
+    block = lambda rows: rows * (2 * cfg.dim + 3 * cfg.hidden_dim) * w  # a forward's widest moment, no autograd
+    # generate: the static KV cache of one chunk (prompt + every new token), while the prompt goes through
+    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
+    generate = 2 * cfg.n_layers * G * T * kv_dim * w + block(G * P)
+    # score: the policy's and reference's fp32 logits (b, N, V) and the entropy's three (ppo.policy_and_reference)
+    score = 5 * b * N * V * 4 + head + block(b * T)
+    # update: what autograd keeps in both models (policy, value), one block recomputed when checkpointing,
+    # the policy's fp32 logits, their gradient and the log-softmax's
+    update = (2 * cfg.n_layers * b * T * saved_bytes_per_token_layer(cfg, w, checkpointing)
+              + checkpointing * b * T * saved_bytes_per_token_layer(cfg, w) + 3 * b * N * V * 4 + head)
+    return generate, score, update
+
+
+def micro_batches(args):
+    return sorted({m for m in (args.micro_batch_size // 2, args.micro_batch_size, 2 * args.micro_batch_size)
+                   if 1 <= m <= args.step_batch_size})
+
+
+def build(args):
+    """(policy config, reward config, policy, value, reward model) on the meta device."""
+    pcfg = llama.get_preset(args.preset) if args.preset else checkpoints.read_config(args.policy)
+    rcfg = pcfg  # AlpacaFarm's reward model has the SFT model's shape; ours carry it in config.json
+    if args.reward and not args.preset:
+        try:
+            rcfg = checkpoints.read_config(args.reward)
+        except ValueError:
+            pass
+    with torch.device("meta"):  # build the real modules, allocate nothing
+        policy = llama.Llama(pcfg)
+        lora.add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, lora_dtype=torch.float32)
+        reward = RewardModel(rcfg)
+        value = ValueModel(RewardModel(rcfg).backbone, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                           lora_dtype=torch.float32)
+    return pcfg, rcfg, policy, value, reward
+
+
+def training_device_peak(args, checkpointing, w=2):
+    """The planned peak bytes of the training device (either placement) at args.micro_batch_size: what
+    train.py compares with the device's memory to decide on activation checkpointing."""
+    pcfg, rcfg, policy, value, _ = build(args)
+    frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    trainable = sum(lora.count_parameters(m)[0] for m in (policy, value))
+    weights = (frozen(policy) + frozen(value) + rcfg.dim + 1) * w + trainable * 16
+    return weights + max(phase_bytes(pcfg, args, w, args.micro_batch_size, checkpointing))
+
+
+def print_plan(args, devices):
+    gib = lambda n: f"{n / 2**30:8.2f}"
+    pcfg, rcfg, policy, value, reward = build(args)
+    gpu = devices[0].type == "cuda" or args.preset is not None  # a preset plans for GPUs
+    wbytes = 2 if gpu else 4  # frozen weights: bf16 on GPU, fp32 on CPU
+    frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    trainable = sum(lora.count_parameters(m)[0] for m in (policy, value))
+    base = frozen(policy)
+    print(f"policy LoRA {lora.count_parameters(policy)[0]:,} + value LoRA {lora.count_parameters(value.backbone)[0]:,}"
+          f" + value head {value.value_head.weight.numel() + value.value_head.bias.numel()} = {trainable:,} "
+          f"trainable, {100 * trainable / base:.3f}% of the {base:,} parameters of the base model")
+    train_b = trainable * (4 + 4 + 8)  # fp32 weights, fp32 grads, Adam's two fp32 moments
+    base_b = (frozen(policy) + frozen(value)) * wbytes
+    frozen_b = (base + sum(p.numel() for p in reward.parameters())) * wbytes
+    names = [str(d) for d in devices] if len(devices) == 2 else (["cuda:0", "cuda:1"] if gpu else ["cpu", "cpu"])
+    print(f"{'placement':12s} {'device':8s} {'holds':48s} {'weights':>8s} {'trainable+grads+Adam':>21s}  (GiB)")
+    print(f"{'two-device':12s} {names[0]:8s} {'policy + LoRA, value + LoRA + head':48s} {gib(base_b)} {gib(train_b):>21s}")
+    print(f"{'':12s} {names[1]:8s} {'reference, reward model':48s} {gib(frozen_b)}")
+    print(f"{'one-device':12s} {names[0]:8s} {'policy (= reference), value (= reward) + heads':48s} "
+          f"{gib(base_b + (rcfg.dim + 1) * wbytes)} {gib(train_b):>21s}")
+    T = args.max_prompt_tokens + args.max_new_tokens
+    print(f"\npeak per device (GiB, estimate) = weights + trainable state + the largest phase: generate (KV cache "
+          f"of {args.generate_batch_size} x {T} tokens), score, update (micro-batch x {T} tokens, policy + value)")
+    print(f"{'placement':12s} {'device':8s} {'micro-batch':>11s} {'checkpointing':>13s} {'generate':>8s} "
+          f"{'score':>8s} {'update':>8s} {'peak':>8s}")
+    weights = base_b + (rcfg.dim + 1) * wbytes + train_b
+    for mb in micro_batches(args):
+        for ckpt in (False, True):
+            phases = phase_bytes(pcfg, args, wbytes, mb, ckpt)
+            print(f"{'one-device':12s} {names[0]:8s} {mb:11d} {'on' if ckpt else 'off':>13s} "
+                  + " ".join(gib(p) for p in phases) + f" {gib(weights + max(phases))}")
+    # the second device runs the reference's and the reward model's forwards: logits (b, N, V) and one block
+    mb = max(micro_batches(args))
+    fwd = (mb * args.max_new_tokens * pcfg.vocab_size * 4 + mb * T * (2 * pcfg.dim + 3 * pcfg.hidden_dim) * wbytes
+           + pcfg.vocab_size * pcfg.dim * 4 * (wbytes != 4))
+    print(f"{'two-device':12s} {names[0]:8s} {'as one-device, less the reward head':>49s}")
+    print(f"{'':12s} {names[1]:8s} {mb:11d} {'-':>13s} {'-':>8s} {gib(fwd)} {'-':>8s} {gib(frozen_b + fwd)}")
+
+
+def use_checkpointing(args, device):
+    """--activation-checkpointing if given; otherwise on where the plan says that without it the update would
+    not fit the CUDA device's memory."""
+    if args.activation_checkpointing is not None or device.type != "cuda":
+        return bool(args.activation_checkpointing)
+    return training_device_peak(args, False) > torch.cuda.get_device_properties(device).total_memory

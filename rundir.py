@@ -1,0 +1,218 @@
+"""
+The run directory OUT: what a training run writes there, how it resumes exactly, and how it keeps a user's
+files safe. train.py calls each of these as one line; none of them touches the algorithm.
+
+    OUT/metrics.jsonl    one JSON line per step
+    OUT/checkpoint/      state.pt (trainable tensors, optimizer, scheduler, step, data position, flags),
+                         rng-rankN.pt per rank, policy_adapter/ (PEFT layout, usable on its own)
+    OUT/previous-N/      an earlier run's files, moved aside by a new run instead of overwritten
+    OUT/.lock            the PID of the run writing to OUT; a second run on the same OUT is refused
+
+Ctrl-C (SIGINT) or SIGTERM stops a run with the last finished step saved as the checkpoint, and a worker
+whose torchrun launcher dies gets SIGTERM from the kernel, so it never keeps writing to OUT on its own.
+"""
+import copy
+import ctypes
+import fcntl
+import json
+import os
+import shutil
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+import checkpoints
+
+RUN_FILES = ("metrics.jsonl", "checkpoint", "checkpoint.old", "adapter", "eval")
+
+
+# ----------------------------------------------------------------------------- before any work
+
+_lock = []  # the open OUT/.lock of this process's run
+
+
+def claim(out):
+    """Create OUT, check it is writable, and lock it (fcntl.flock on OUT/.lock, which the kernel releases
+    when the process dies, so a lock left by a dead run is taken over). Returns a message if a stale lock
+    was taken over, else None. One run per process: a lock this process still holds is released first."""
+    release()
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a file in the way, a path under a file, no permission, a read-only disk
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
+    holder = os.read(fd, 64).decode(errors="replace").strip()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"--out {out} is in use by another run (PID {holder or '?'}, {out}/.lock); wait for it "
+                         f"to finish or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _lock.append(fd)
+    return f"took over {out}/.lock from PID {holder}, which is no longer running" if holder else None
+
+
+def release():
+    while _lock:
+        fd = _lock.pop()
+        os.ftruncate(fd, 0)  # an empty lock file: the run ended
+        os.close(fd)
+
+
+class Interrupted(Exception):
+    pass
+
+
+_signalled = []
+
+
+def stop_on_signals():
+    """For the process's entry point. SIGINT / SIGTERM: with one rank, raise Interrupted at once (the loop
+    then saves the last finished step, which takes seconds even at 7B, well within torchrun's 30 s grace);
+    with several ranks, only note it, and the ranks stop together at the end of the step (interrupted()). A
+    worker started by torchrun asks the kernel for SIGTERM when its launcher dies (Linux's PR_SET_PDEATHSIG)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+
+    def handler(sig, frame):
+        _signalled.append(sig)
+        if world_size == 1 and len(_signalled) == 1:
+            raise Interrupted(signal.Signals(sig).name)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the launcher died before the request
+            sys.exit("error: the torchrun launcher that started this worker is gone")
+
+
+def interrupted(device):
+    """With several ranks: did any rank get a signal? (all ranks call this at the same point of a step)."""
+    flag = torch.tensor([float(bool(_signalled))], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+# ----------------------------------------------------------------------------- the run's state in memory
+
+def trainable_tensors(policy, value):
+    out = {f"policy.{n}": p for n, p in policy.named_parameters() if p.requires_grad}
+    out.update({f"value.{n}": p for n, p in value.named_parameters() if p.requires_grad})
+    return out
+
+
+def snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator):
+    """Everything a run needs to continue exactly, copied (kept in memory too, to go back after a NaN)."""
+    return dict(trainable={n: p.detach().cpu().clone() for n, p in trainable_tensors(policy, value).items()},
+                optimizer=copy.deepcopy(optimizer.state_dict()), scheduler=scheduler.state_dict(), step=step,
+                pos=pos, kl_coef=kl_coef, rng=torch.get_rng_state(), gen_rng=generator.get_state().cpu(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def restore(state, policy, value, optimizer, scheduler, generator):
+    params = trainable_tensors(policy, value)
+    if set(params) != set(state["trainable"]):
+        raise ValueError("--resume: the checkpoint's trainable tensors do not match this run's (LoRA rank or "
+                         "targets changed?)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["trainable"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    generator.set_state(state["gen_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+# ----------------------------------------------------------------------------- the files
+
+def append_metrics(path, line, rank=0):
+    if rank == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def truncate_metrics(path, step):
+    """Drop the lines logged after `step` (the resumed run logs them again) and a cut-off last line."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.endswith("\n")]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}: line {i + 1} is not a metrics line; remove it to resume") from None
+    checkpoints.atomic_write(path, lambda tmp: open(tmp, "w").writelines(kept))
+
+
+def move_earlier_run(out):
+    """A new run never overwrites an earlier one: its files in OUT move to OUT/previous-N (the first free N).
+    Returns that directory, or None if OUT held no run."""
+    ours = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if not ours:
+        return None
+    n = 1
+    while os.path.exists(os.path.join(out, f"previous-{n}")):
+        n += 1
+    old = os.path.join(out, f"previous-{n}")
+    os.makedirs(old)
+    for f in ours:
+        os.replace(os.path.join(out, f), os.path.join(old, f))
+    return old
+
+
+def save_checkpoint(state, args, out, rank, barrier, save_adapter):
+    """Every rank writes into OUT/checkpoint.tmp; then renames publish it, so a crash leaves the old
+    checkpoint or the new one, never half of one (a crash between the renames leaves checkpoint.old)."""
+    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    rng = {k: state[k] for k in ("rng", "gen_rng", "cuda_rng")}
+    try:  # a full disk: the new checkpoint is dropped, the old one stays whole
+        os.makedirs(tmp, exist_ok=True)
+        torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
+        if rank == 0:
+            torch.save({**{k: v for k, v in state.items() if k not in rng}, "args": args},
+                       os.path.join(tmp, "state.pt"))
+            save_adapter(os.path.join(tmp, "policy_adapter"))
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise ValueError(f"could not write the checkpoint of step {state['step']} to {tmp} ({reason}); "
+                         f"{final} is unchanged") from None
+    barrier()
+    if rank == 0:
+        old = final + ".old"
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint(out, rank):
+    path = os.path.join(out, "checkpoint")
+    if not os.path.exists(path) and os.path.exists(path + ".old"):  # a crash between the two renames
+        path += ".old"
+    for f in ("state.pt", f"rng-rank{rank}.pt"):
+        if not os.path.exists(os.path.join(path, f)):
+            raise FileNotFoundError(f"--resume: {os.path.join(path, f)} is missing (no checkpoint, or one "
+                                    f"written by a run with another number of ranks)")
+    state = {}
+    for f in ("state.pt", f"rng-rank{rank}.pt"):
+        try:  # weights_only: a pickle that would run code is refused, not executed
+            state.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
+        except Exception as e:  # truncated, empty, garbage, or pickled code: torch raises many kinds
+            raise ValueError(f"--resume: {os.path.join(path, f)} is not a readable checkpoint file "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty'})") from None
+    return state
