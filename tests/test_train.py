@@ -442,7 +442,8 @@ def test_lr_schedule_decays_over_the_papers_horizon():
     assert paper(99) == pytest.approx((780 - 99) / 775) and round(paper(99), 2) == 0.88
     assert sum(paper(s) for s in range(5, 100)) / 95 == pytest.approx(0.939, abs=1e-3)
     world = train.lr_schedule(train.WORLD)  # the small world still decays to 0 at --steps
-    assert [world(s) for s in range(30)] == [min((s + 1) / 5, max(0.0, (30 - s) / 25)) for s in range(30)]
+    n = train.WORLD.steps
+    assert [world(s) for s in range(n)] == [min((s + 1) / 5, max(0.0, (n - s) / (n - 5))) for s in range(n)]
     with pytest.raises(ValueError, match="--decay-steps must be at least --steps 1000"):
         train.parse_args(["--policy", "p", "--reward", "r", "--prompts", "x", "--steps", "1000"])
 
