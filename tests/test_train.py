@@ -280,8 +280,8 @@ def test_dry_run_activation_estimate_against_autograd():
     """plan.saved_bytes_per_token_layer against the bytes autograd really keeps (saved_tensors_hooks, storages
     counted once, parameters excluded), per layer: the difference between a 2- and a 1-layer LoRA model. On the
     CPU dropout keeps its mask in the input dtype, not 1 byte, and the formula leaves out small terms, so the
-    measurement may exceed it, by at most 20% here (14-18% measured); dropping a term (SwiGLU is ~40% of
-    it) or double counting fails. With activation checkpointing a block keeps exactly its input (the
+    measurement may exceed it, by at most 20% here; dropping a term (SwiGLU is ~40% of it) or double counting
+    fails. With activation checkpointing a block keeps exactly its input (the
     checkpoint saves it through the same hooks; what the block saved inside is recomputed in backward)."""
     import lora
     import plan
