@@ -251,9 +251,8 @@ def left_pad(seqs, pad_id=0):
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for b, s in enumerate(seqs):
-        if len(s):
-            tokens[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[b, T - len(s):] = 1
+        tokens[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[b, T - len(s):] = 1
     return tokens, mask
 
 

@@ -96,10 +96,8 @@ def shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, estimator):
     score (B,), logprobs/ref_logprobs (B, N) of the sampled tokens, mask (B, N). Returns rewards (B, N)
     and the penalty D (B, N). D_t comes from divergences.ESTIMATORS[estimator](logp, logq).
     """
-    if estimator not in divergences.ESTIMATORS:
-        raise ValueError(f"PPO estimator {estimator!r} unknown; choose one of {sorted(divergences.ESTIMATORS)}")
     mask = mask.float()
-    penalty = divergences.ESTIMATORS[estimator](logprobs.float(), ref_logprobs.float()) * mask   # (B, N)
+    penalty = divergences.get_estimator(estimator)(logprobs.float(), ref_logprobs.float()) * mask   # (B, N)
     rewards = -kl_coef * penalty
     last = llama.last_index(mask)                                    # EOS, or the last token if cut off
     rewards = rewards.scatter_add(1, last[:, None], score.float()[:, None])
@@ -286,16 +284,14 @@ def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, respo
 # ----------------------------------------------------------------------------- 5. optimization phase
 
 def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads=None, generator=None):
-    """ppo_epochs passes over the rollout in shuffled step batches; returns one stats dict (means).
-
-    Each optimizer step sees a step batch of cfg.step_batch_size distinct samples, accumulated over
-    micro-batches whose loss is weighted by their share of the step batch's valid tokens, so the gradient
-    equals that of the token mean over the whole step batch (with several ranks, sync_grads averages the
-    ranks' token means, and whitening statistics are per rank). (The reference back-propagates one
-    16-sample minibatch several times without dividing; we do not copy that.) sync_grads, if given, is
-    called before clipping (e.g. an all-reduce across ranks). The scheduler steps once per call, i.e. once
-    per PPO step, as in AlpacaFarm.
-    """
+    """cfg.ppo_epochs passes over the rollout in shuffled step batches of cfg.step_batch_size distinct samples,
+    one optimizer step each; returns the stats averaged over the steps. A step batch is accumulated over
+    micro-batches, each loss weighted by its share of the step batch's valid tokens, so the gradient is that of
+    the token mean over the step batch (the reference back-propagates one 16-sample minibatch several times
+    without dividing). sync_grads, if given, runs before clipping (e.g. an all-reduce: the mean of the ranks' token
+    means, each rank whitened on its own). The scheduler steps once per call, i.e. once per PPO step, as in
+    AlpacaFarm. One function, as CleanRL's update, so that the three loops (epochs, step batches, micro-batches)
+    read together."""
     policy.train()
     value_model.train()
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]

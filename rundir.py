@@ -216,3 +216,17 @@ def load_checkpoint(out, rank):
             raise ValueError(f"--resume: {os.path.join(path, f)} is not a readable checkpoint file "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty'})") from None
     return state
+
+
+def resume(out, rank, args, may_change, policy, value, optimizer, scheduler, generator):
+    """The run in OUT/checkpoint restored, unless it was written with other settings than `args` (a dict; the
+    names in may_change may differ), and OUT/metrics.jsonl cut back to its step. Returns its state."""
+    state = load_checkpoint(out, rank)
+    changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {v}" for k, v in args.items()
+               if k not in may_change and state["args"].get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: {out}/checkpoint was written with other settings: {'; '.join(changed)}")
+    restore(state, policy, value, optimizer, scheduler, generator)
+    if rank == 0:
+        truncate_metrics(os.path.join(out, "metrics.jsonl"), state["step"])
+    return state

@@ -24,7 +24,6 @@ os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import sys
 import time
@@ -246,9 +245,9 @@ def barrier():
 
 
 @torch.no_grad()
-def evaluate(policy, ref, reward_model, tokenizer, records, args, dev):
-    """Greedy responses to held-out prompts: their texts, and the mean reward score, exact KL to the
-    reference (per response) and length."""
+def evaluate(step, policy, ref, reward_model, tokenizer, records, args, dev, rank, world=None):
+    """Greedy responses to the held-out prompts, written to OUT/eval/stepNNNN.json (AlpacaEval); their mean
+    reward score, exact KL to the reference (per response) and length, and the small world's annotator's verdicts."""
     policy.eval()
     texts, score, kl, length = [], [], [], []
     for i in range(0, len(records), args.micro_batch_size):
@@ -264,13 +263,8 @@ def evaluate(policy, ref, reward_model, tokenizer, records, args, dev):
         kl.append((true_kl * out_mask).sum(1).cpu())
         length.append(out_mask.sum(1).float().cpu())
         texts += [tokenizer.decode([t for t, m in zip(o, om) if m]).strip() for o, om in zip(out.tolist(), out_mask.tolist())]
-    return texts, dict(eval_score=torch.cat(score).mean().item(), eval_true_kl=torch.cat(kl).mean().item(),
-                       eval_length=torch.cat(length).mean().item())
-
-
-def run_eval(step, policy, ref, reward_model, tokenizer, records, args, dev, rank, world=None):
-    """evaluate(), the small world's annotator if there is one, and OUT/eval/stepNNNN.json (AlpacaEval)."""
-    texts, stats = evaluate(policy, ref, reward_model, tokenizer, records, args, dev)
+    stats = dict(eval_score=torch.cat(score).mean().item(), eval_true_kl=torch.cat(kl).mean().item(),
+                 eval_length=torch.cat(length).mean().item())
     if world is not None:  # the simulated annotator: win rate against the reference outputs
         stats["eval_win_rate"], stats["eval_win_rate_se"] = world.win_rate(records, texts,
                                                                            [r["output"] for r in records])
@@ -307,6 +301,8 @@ def eval_line(stats):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
+    # The experiment as one flat script in numbered sections, as CleanRL's ppo.py: long on purpose, so that it
+    # reads top to bottom; each section calls the helpers above it, and the PPO step is ppo.py's.
     # 1. config: flags, ranks, devices
     args, world = parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -369,15 +365,9 @@ def main(argv=None):
     step, pos, kl_coef = 0, 0, args.kl_coef
     metrics_file = os.path.join(args.out, "metrics.jsonl")
     if args.resume:
-        state = rundir.load_checkpoint(args.out, rank)
-        changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {v}" for k, v in dataclasses.asdict(args).items()
-                   if k not in MAY_CHANGE_ON_RESUME and state["args"].get(k) != v]
-        if changed:
-            raise ValueError(f"--resume: {args.out}/checkpoint was written with other settings: {'; '.join(changed)}")
-        rundir.restore(state, policy, value, optimizer, scheduler, generator)
+        state = rundir.resume(args.out, rank, dataclasses.asdict(args), MAY_CHANGE_ON_RESUME, policy, value,
+                              optimizer, scheduler, generator)
         step, pos, kl_coef = state["step"], state["pos"], state["kl_coef"]
-        if rank == 0:
-            rundir.truncate_metrics(metrics_file, step)
         log(f"resumed from {args.out}/checkpoint at step {step}")
     elif rank == 0:
         moved = rundir.move_earlier_run(args.out)
@@ -388,7 +378,7 @@ def main(argv=None):
     log(f"PPO: {args.steps} steps x {args.rollout_batch_size} rollouts, step batch {args.step_batch_size}, "
         f"micro-batch {args.micro_batch_size}, estimator {args.estimator}, beta {kl_coef}")
     if eval_records and step == 0:  # the SFT policy, as the baseline of every curve
-        stats = run_eval(0, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank, world_eval)
+        stats = evaluate(0, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank, world_eval)
         rundir.append_metrics(metrics_file, {"step": 0, **stats}, rank)
         log("step   0 (the SFT policy)\n" + eval_line(stats))
     good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)  # last finished step
@@ -415,7 +405,7 @@ def main(argv=None):
                                     world_size, dev)
             kl_coef = ppo.update_kl_coef(kl_coef, stats["penalty_seq"], cfg)
             if eval_records and (step % args.eval_every == 0 or step == args.steps):
-                stats.update(run_eval(step, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank,
+                stats.update(evaluate(step, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank,
                                       world_eval))
             rundir.append_metrics(metrics_file, {"step": step, **stats}, rank)
             log(console_line(step, args.steps, stats, t3 - t0))

@@ -188,7 +188,7 @@ def test_optimizer_step_changes_only_A_and_B():
         for p in params:
             p.grad = None
         loss.backward()
-        with torch.no_grad():  # a plain SGD step (any torch.optim class first imports ~3 s of torch._dynamo)
+        with torch.no_grad():  # a plain SGD step (any torch.optim class first imports torch._dynamo, which is slow)
             for p in params:
                 p -= 0.5 * p.grad
     for n, p in model.named_parameters():

@@ -280,8 +280,8 @@ def test_dry_run_activation_estimate_against_autograd():
     """plan.saved_bytes_per_token_layer against the bytes autograd really keeps (saved_tensors_hooks, storages
     counted once, parameters excluded), per layer: the difference between a 2- and a 1-layer LoRA model. On the
     CPU dropout keeps its mask in the input dtype, not 1 byte, and the formula leaves out small terms, so the
-    measurement may exceed it, by at most 20% here (14-18% measured); dropping a term (SwiGLU is ~40% of
-    it) or double counting fails. With activation checkpointing a block keeps exactly its input (the
+    measurement may exceed it, by at most 20% here; dropping a term (SwiGLU is ~40% of it) or double counting
+    fails. With activation checkpointing a block keeps exactly its input (the
     checkpoint saves it through the same hooks; what the block saved inside is recomputed in backward)."""
     import lora
     import plan
@@ -337,14 +337,14 @@ def out_at(path):
     return edit
 
 
-def resume_with(name, content):
-    """--resume from a copy of a finished run whose file `name` is replaced by `content` (bytes)."""
+def resume_with(name, content, *flags):
+    """--resume from a copy of a finished run whose file `name` (if any) is replaced by `content` (bytes)."""
     def edit(d, args, tmp):
-        import shutil
         shutil.copytree(d["full"], tmp / "o", dirs_exist_ok=True)
-        target = tmp / "o" / name
-        target.write_bytes(content(target.read_bytes()) if callable(content) else content)
-        return args + ["--resume", "--steps", "5"]
+        if name:
+            target = tmp / "o" / name
+            target.write_bytes(content(target.read_bytes()) if callable(content) else content)
+        return args + ["--resume", "--steps", "5", *flags]
     return edit
 
 
@@ -388,6 +388,8 @@ BAD = {
                            "rng-rank0.pt is not a readable checkpoint file"),
     "resume_bad_metrics": (resume_with("metrics.jsonl", lambda b: b.replace(b"\n", b"\n{oops\n", 1)),
                            "metrics.jsonl: line 2 is not a metrics line"),
+    "resume_other_settings": (resume_with(None, None, "--lr", "2e-3"),
+                              "checkpoint was written with other settings: --lr 0.001 -> 0.002"),
     "nan": (flag("--lr", "1e30"), "stopped at PPO step 1, the checkpoint of step 0"),  # 1e30 overflows
 }
 
