@@ -345,8 +345,8 @@ def main(argv=None):
     params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
     n_policy = lora.count_parameters(policy)[0]
     log(f"devices: policy + value on {dev}, reference + reward model on {devices[-1]}"
-        + ("" if len(devices) == 2 else " (reference = policy with adapters off, reward = value backbone with "
-           "adapters off)") + f"; {policy.output.weight.dtype}; {world_size} rank(s); activation checkpointing "
+        + ("" if len(devices) == 2 else " (policy and value backbone, adapters off)"))
+    log(f"         {policy.output.weight.dtype}, {world_size} rank(s), activation checkpointing "
         + ("on" if policy.activation_checkpointing else "off"))
     log(f"trainable: {sum(p.numel() for p in params):,} (policy LoRA {n_policy:,}, value LoRA + head "
         f"{sum(p.numel() for p in params) - n_policy:,}) of {lora.count_parameters(policy)[1]:,} policy parameters")

@@ -399,7 +399,7 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
     spec = {"seed": seed, **asdict(cfg)}
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"{out} exists but holds no {LAYOUT['info']}; delete it or use another directory")
-    log(f"[world] building the small world into {out}: once, about 7 minutes on 2 CPU cores; later runs reuse it")
+    log(f"[world] building the small world into {out}: once, about 5 minutes on 2 CPU cores; later runs reuse it")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp, t0, info = claim_build_dir(out, spec, log), time.time(), {}
     for i, (name, build) in enumerate(STAGES, 1):
