@@ -85,21 +85,23 @@ def print_plan(args, devices):
     frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
     trainable = sum(lora.count_parameters(m)[0] for m in (policy, value))
     base = frozen(policy)
-    print(f"policy LoRA {lora.count_parameters(policy)[0]:,} + value LoRA {lora.count_parameters(value.backbone)[0]:,}"
-          f" + value head {value.value_head.weight.numel() + value.value_head.bias.numel()} = {trainable:,} "
-          f"trainable, {100 * trainable / base:.3f}% of the {base:,} parameters of the base model")
+    print(f"trainable: policy LoRA {lora.count_parameters(policy)[0]:,} + value LoRA "
+          f"{lora.count_parameters(value.backbone)[0]:,} + value head "
+          f"{value.value_head.weight.numel() + value.value_head.bias.numel():,} = {trainable:,}\n"
+          f"           {100 * trainable / base:.3f}% of the {base:,} parameters of the base model")
     train_b = trainable * (4 + 4 + 8)  # fp32 weights, fp32 grads, Adam's two fp32 moments
     base_b = (frozen(policy) + frozen(value)) * wbytes
     frozen_b = (base + sum(p.numel() for p in reward.parameters())) * wbytes
     names = [str(d) for d in devices] if len(devices) == 2 else (["cuda:0", "cuda:1"] if gpu else ["cpu", "cpu"])
-    print(f"{'placement':12s} {'device':8s} {'holds':48s} {'weights':>8s} {'trainable+grads+Adam':>21s}  (GiB)")
-    print(f"{'two-device':12s} {names[0]:8s} {'policy + LoRA, value + LoRA + head':48s} {gib(base_b)} {gib(train_b):>21s}")
-    print(f"{'':12s} {names[1]:8s} {'reference, reward model':48s} {gib(frozen_b)}")
-    print(f"{'one-device':12s} {names[0]:8s} {'policy (= reference), value (= reward) + heads':48s} "
+    print(f"{'placement':12s} {'device':8s} {'holds':42s} {'weights':>8s} {'trainable+grads+Adam':>21s}  GiB")
+    print(f"{'two-device':12s} {names[0]:8s} {'policy + LoRA, value + LoRA + head':42s} {gib(base_b)} {gib(train_b):>21s}")
+    print(f"{'':12s} {names[1]:8s} {'reference, reward model':42s} {gib(frozen_b)}")
+    print(f"{'one-device':12s} {names[0]:8s} {'policy = reference, value = reward, heads':42s} "
           f"{gib(base_b + (rcfg.dim + 1) * wbytes)} {gib(train_b):>21s}")
     T = args.max_prompt_tokens + args.max_new_tokens
-    print(f"\npeak per device (GiB, estimate) = weights + trainable state + the largest phase: generate (KV cache "
-          f"of {args.generate_batch_size} x {T} tokens), score, update (micro-batch x {T} tokens, policy + value)")
+    print(f"\npeak per device (GiB, estimate) = weights + trainable state + the largest phase of three:\n"
+          f"generate (KV cache of {args.generate_batch_size} x {T} tokens), score, update (micro-batch x {T} tokens, "
+          f"policy + value)")
     print(f"{'placement':12s} {'device':8s} {'micro-batch':>11s} {'checkpointing':>13s} {'generate':>8s} "
           f"{'score':>8s} {'update':>8s} {'peak':>8s}")
     weights = base_b + (rcfg.dim + 1) * wbytes + train_b

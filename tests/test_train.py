@@ -250,8 +250,8 @@ def test_two_ranks_keep_identical_weights(setup, tmp_path):
 def test_dry_run_7b():
     r = run(["--preset", "llama-7b", "--dry-run"])
     assert r.returncode == 0, r.stderr
-    assert ("policy LoRA 8,388,608 + value LoRA 8,388,608 + value head 4097 = 16,781,313 trainable, 0.249% of the "
-            "6,738,415,616 parameters") in r.stdout
+    assert ("trainable: policy LoRA 8,388,608 + value LoRA 8,388,608 + value head 4,097 = 16,781,313\n"
+            "           0.249% of the 6,738,415,616 parameters") in r.stdout
     lines = r.stdout.splitlines()
     row = lambda prefix: next(l for l in lines if l.startswith(prefix)).split()
     # bf16 weights: policy + value on the first GPU, reference + reward model (+ its 4097-parameter head) on the
