@@ -335,9 +335,9 @@ def plot(out, runs, kl_coef):
         for spec, ms in column(beta).items():
             draw(left, ms, spec, "eval_true_kl")  # on the evaluation prompts: the same prompts at every step
             draw(right, ms, spec, "eval_length")
-        left.set(xlabel="PPO step", ylabel="true KL to the reference (nats/response)", title=f"β = {beta:g}: true KL")
-        right.set(xlabel="PPO step", ylabel="response length (tokens, EOS included)",
-                  title=f"β = {beta:g}: length ({seeds}; evaluation prompts, greedy)")
+        left.set(xlabel="PPO step", ylabel="true KL to the reference (nats/response)",
+                 title=f"β = {beta:g}: true KL ({seeds})")
+        right.set(xlabel="PPO step", ylabel="response length (tokens, EOS included)", title=f"β = {beta:g}: length")
     axes[0][0].legend(fontsize=8)
     files.append(save(fig, out, "figure2_kl_length.png"))
 
