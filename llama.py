@@ -47,10 +47,8 @@ PRESETS = {
     "llama-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824),
     "llama2-7b": LlamaConfig(norm_eps=1e-5, max_seq_len=4096),
     # CPU sizes: "tiny" for tests (GQA on purpose), "small" (~100M parameters) for benchmarks
-    "tiny": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=176,
-                        max_seq_len=256),
-    "small": LlamaConfig(dim=768, n_layers=8, n_heads=12, vocab_size=32000, hidden_dim=2048,
-                         max_seq_len=1024),
+    "tiny": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=176, max_seq_len=256),
+    "small": LlamaConfig(dim=768, n_layers=8, n_heads=12, vocab_size=32000, hidden_dim=2048, max_seq_len=1024),
 }
 
 
@@ -60,8 +58,7 @@ def get_preset(name):
     return PRESETS[name]
 
 
-# -----------------------------------------------------------------------------
-# the network
+# ----------------------------------------------------------------------------- the network
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -101,11 +98,9 @@ def rotary_frequencies(head_dim, theta, scaling=None, device=None):
 
 
 def rotary(positions, head_dim, theta, scaling=None):
-    """cos and sin tables (B, T, head_dim) for integer positions (B, T), in fp32.
-
-    Hugging Face order: the rotated pairs are (i, i + head_dim/2), not Meta's interleaved (2i, 2i+1); the
-    loader permutes Meta's wq/wk rows so both layouts give the same logits (Su et al. 2021, RoFormer, Eq. 34).
-    """
+    """cos and sin tables (B, T, head_dim) for integer positions (B, T), in fp32. Hugging Face order: the rotated
+    pairs are (i, i + head_dim/2), not Meta's interleaved (2i, 2i+1); the loader permutes Meta's wq/wk rows so
+    both layouts give the same logits (Su et al. 2021, RoFormer, Eq. 34)."""
     inv_freq = rotary_frequencies(head_dim, theta, scaling, positions.device)
     angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, head_dim)
@@ -116,9 +111,8 @@ def apply_rotary(x, cos, sin):
     # x (B, T, H, hd); rotate each (x_i, x_{i+hd/2}) pair by its angle, in (at least) fp32
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return (xf * cos + rotated * sin).type_as(x)
+    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd): the same angles for every head
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
 class KVCache:
@@ -144,7 +138,8 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.dim // cfg.n_heads
-        assert self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
+        assert self.n_heads % self.n_kv_heads == 0, \
+            f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
         self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -162,10 +157,8 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
             group = (-1, -1, self.n_heads // self.n_kv_heads, -1, -1)
             k, v = k[:, :, None].expand(group).flatten(1, 2), v[:, :, None].expand(group).flatten(1, 2)
-        if attn_mask is None:  # no padding, no cache: the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        # no mask (no padding, no cache): the fused causal kernel
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -242,17 +235,13 @@ class Llama(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, w.device, w.dtype)
 
 
-# -----------------------------------------------------------------------------
-# sampling
+# ----------------------------------------------------------------------------- sampling
 
 def left_pad(seqs, pad_id=0):
     """list of token lists -> tokens (B, T) and mask (B, T), padded on the left."""
     T = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        tokens[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[b, T - len(s):] = 1
+    tokens = torch.tensor([[pad_id] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     return tokens, mask
 
 
@@ -268,11 +257,9 @@ def sample_top_p(probs, top_p, generator=None):
 @torch.no_grad()
 def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_p=1.0, eos_id=None, pad_id=0,
              generator=None, cuda_graph=False):
-    """Sample continuations of left-padded prompts tokens/mask (B, T) with a KV cache.
-
-    Returns out (B, N) response tokens (pad_id after EOS) and out_mask (B, N) (1 up to and including EOS).
-    temperature 0 = greedy. cuda_graph: replay the decoding step as a CUDA graph (a CUDA device only).
-    """
+    """Sample continuations of left-padded prompts tokens/mask (B, T) with a KV cache: out (B, N), the response
+    tokens (pad_id after EOS), and out_mask (B, N), 1 up to and including EOS. temperature 0 = greedy.
+    cuda_graph: replay the decoding step as a CUDA graph (a CUDA device only)."""
     B, T = tokens.shape
     if T + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the context "
@@ -334,8 +321,7 @@ def last_index(mask):
     return (mask.long() * torch.arange(1, T + 1, device=mask.device)).argmax(-1)  # (B,)
 
 
-# -----------------------------------------------------------------------------
-# tokenizer and prompt template
+# ----------------------------------------------------------------------------- tokenizer and prompt template
 
 class Tokenizer:
     def __init__(self, model_path):
@@ -371,6 +357,4 @@ PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with
 
 def alpaca_prompt(instruction, input=""):
     # Stanford Alpaca / AlpacaFarm template; real SFT checkpoints were trained on exactly this text
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+    return (PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT).format(instruction=instruction, input=input)

@@ -170,7 +170,12 @@ def move_earlier_run(out):
     return old
 
 
-def save_checkpoint(state, args, out, rank, barrier, save_adapter):
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(state, args, out, rank, policy):
     """Every rank writes into OUT/checkpoint.tmp; then renames publish it, so a crash leaves the old
     checkpoint or the new one, never half of one (a crash between the renames leaves checkpoint.old)."""
     final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
@@ -184,7 +189,7 @@ def save_checkpoint(state, args, out, rank, barrier, save_adapter):
         if rank == 0:
             torch.save({**{k: v for k, v in state.items() if k not in rng}, "args": args},
                        os.path.join(tmp, "state.pt"))
-            save_adapter(os.path.join(tmp, "policy_adapter"))
+            checkpoints.save_adapter(policy, os.path.join(tmp, "policy_adapter"))
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]

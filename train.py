@@ -16,9 +16,8 @@ of the batch and the trainable gradients (LoRA + value head) are all-reduced. Ou
 """
 import os
 
-# Torch picks its vectorized CPU kernels by the processor (AVX2 or AVX-512), and the two round differently,
-# enough for a training run to end elsewhere. Pinning AVX2 (every x86-64 CPU since 2013) makes a CPU run
-# independent of whether the machine has AVX-512; set ATEN_CPU_CAPABILITY yourself to choose otherwise.
+# Torch picks its vectorized CPU kernels by the processor (AVX2 or AVX-512), which round differently, enough for a
+# run to end elsewhere; AVX2 (every x86-64 CPU since 2013) makes CPU runs agree unless ATEN_CPU_CAPABILITY is set.
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 import argparse
@@ -28,7 +27,6 @@ import math
 import sys
 import time
 import typing
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -44,7 +42,7 @@ from ppo import knob
 from reward import ValueModel
 
 
-@dataclass
+@dataclasses.dataclass
 class Args(ppo.PPOConfig):
     """Every knob of a run, with the paper's default; the PPO knobs (Eq. 2, Eq. 3, GAE) come from ppo.PPOConfig."""
     policy: str | None = knob(None, "SFT checkpoint (Hugging Face or Meta layout); without --policy, --reward "
@@ -58,14 +56,16 @@ class Args(ppo.PPOConfig):
     lora_alpha: float = knob(64.0, "alpha in Eq. 1 (the LoRA update is scaled by alpha / k)")
     lora_dropout: float = knob(0.1, "dropout on the LoRA path")
     lr: float = knob(1e-5, "AdamW learning rate (betas 0.9, 0.999, eps 1e-5, no weight decay)")
-    warmup_steps: int = knob(5, "linear warm-up from lr/5 over these PPO steps, then linear decay to 0 at --decay-steps")
+    warmup_steps: int = knob(5, "linear warm-up from lr/5 over these PPO steps, then linear decay to 0 at "
+                                "--decay-steps")
     decay_steps: int | None = knob(780, "the step at which the decayed lr reaches 0: the paper's whole configured "
                                         "schedule, 10 epochs x ~20k prompts / 256, of which it ran 100 (None: --steps)")
     steps: int = knob(100, "PPO steps")
     rollout_batch_size: int = knob(256, "prompts rolled out per PPO step, over all ranks")
     eval_every: int = knob(20, "evaluate on --eval-prompts every this many steps")
     save_every: int = knob(10, "write OUT/checkpoint every this many steps")
-    devices: str | None = knob(None, "policy device[,frozen-models device], e.g. cuda:0,cuda:1 (default: GPUs, else cpu)")
+    devices: str | None = knob(None, "policy device[,frozen-models device], e.g. cuda:0,cuda:1 (default: GPUs, "
+                                     "else cpu)")
     out: str = knob("out/run", "output directory")
     seed: int = knob(0, "PPO seed (sampling, dropout, LoRA init)")
     resume: bool = knob(False, "continue from OUT/checkpoint")
@@ -147,10 +147,11 @@ def check_batches(args, world_size):
 
 
 def pick_devices(spec, local_rank, local_world):
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec is not None:
         devs = spec.split(",")
-    elif torch.cuda.is_available():
-        per = 2 if torch.cuda.device_count() >= 2 * local_world else 1
+    elif n_cuda:
+        per = 2 if n_cuda >= 2 * local_world else 1
         devs = [f"cuda:{local_rank * per + i}" for i in range(per)]
     else:
         devs = ["cpu"]
@@ -163,47 +164,12 @@ def pick_devices(spec, local_rank, local_world):
             raise ValueError(f"--devices: {d!r} is not a device name") from None
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"--devices: {d} is not supported (cpu or cuda:N)")
-        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-            raise ValueError(f"--devices: {d} does not exist on this machine "
-                             f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA devices)")
+        if dev.type == "cuda" and (dev.index or 0) >= n_cuda:
+            raise ValueError(f"--devices: {d} does not exist on this machine ({n_cuda} CUDA devices)")
     if spec is not None and local_rank > 0:  # the pair named is rank 0's; rank r takes the next free pair
         devs = [f"cuda:{int(d.split(':')[1]) + local_rank * len(set(devs))}" if d.startswith("cuda:") else d
                 for d in devs]
     return [torch.device(d) for d in devs]
-
-
-def read_prompts(args, tokenizer, log):
-    """PPO prompts as token lists in the Alpaca template (longer than --max-prompt-tokens dropped, as the
-    reference does), and the held-out records."""
-    records = checkpoints.read_prompts(args.prompts)
-    prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"])) for r in records]
-    kept = [p for p in prompts if len(p) <= args.max_prompt_tokens]
-    log(f"prompts: {len(kept)} of {len(prompts)} from {args.prompts} (dropped {len(prompts) - len(kept)} longer "
-        f"than {args.max_prompt_tokens} tokens)")
-    if not kept:
-        raise ValueError(f"{args.prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
-    return kept, checkpoints.read_prompts(args.eval_prompts) if args.eval_prompts else None
-
-
-def load_models(args, devices):
-    """(policy, reference or None, reward model, value model) in the paper's placement (bf16 on GPU)."""
-    dev, frozen_dev = devices[0], devices[-1]
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    lora_kw = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lora_dtype=torch.float32)
-    policy = checkpoints.load_llama(args.policy, dev, dtype)
-    lora.add_lora(policy, **lora_kw)
-    frozen = lambda m: m.requires_grad_(False).eval()
-    if len(devices) == 2:
-        ref = frozen(checkpoints.load_llama(args.policy, frozen_dev, dtype))
-        reward_model = frozen(checkpoints.load_reward_model(args.reward, frozen_dev, dtype))
-        value = ValueModel(checkpoints.load_reward_model(args.reward, dev, dtype).backbone, **lora_kw)
-    else:  # reference = policy with adapters off, reward model = value backbone with adapters off
-        ref, reward_model = None, frozen(checkpoints.load_reward_model(args.reward, dev, dtype))
-        value = ValueModel(reward_model.backbone, **lora_kw)
-    if args.max_prompt_tokens + args.max_new_tokens > policy.cfg.max_seq_len:
-        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
-                         f"exceed the policy's context of {policy.cfg.max_seq_len} tokens")
-    return policy, ref, reward_model, value
 
 
 # ----------------------------------------------------------------------------- the loop's helpers
@@ -233,15 +199,9 @@ def sync_grads(params, world_size):
 def mean_over_ranks(stats, world_size, dev):
     if world_size == 1:
         return stats
-    keys = sorted(stats)
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=dev)
+    t = torch.tensor([float(stats[k]) for k in sorted(stats)], dtype=torch.float64, device=dev)
     dist.all_reduce(t)
-    return {k: v / world_size for k, v in zip(keys, t.tolist())}
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    return {k: v / world_size for k, v in zip(sorted(stats), t.tolist())}
 
 
 @torch.no_grad()
@@ -252,9 +212,8 @@ def evaluate(step, policy, ref, reward_model, tokenizer, records, args, dev, ran
     texts, score, kl, length = [], [], [], []
     for i in range(0, len(records), args.micro_batch_size):
         batch = records[i:i + args.micro_batch_size]
-        tokens, mask = llama.left_pad([tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))
-                                       for r in batch], tokenizer.pad_id)
-        tokens, mask = tokens.to(dev), mask.to(dev)
+        prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"])) for r in batch]
+        tokens, mask = (x.to(dev) for x in llama.left_pad(prompts, tokenizer.pad_id))
         out, out_mask = llama.generate(policy, tokens, mask, args.max_new_tokens, temperature=0,
                                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         full, full_mask = torch.cat([tokens, out], 1), torch.cat([mask, out_mask], 1)
@@ -262,7 +221,8 @@ def evaluate(step, policy, ref, reward_model, tokenizer, records, args, dev, ran
         score.append(ppo.reward_score(reward_model, full, full_mask, tokenizer.eos_id).cpu())
         kl.append((true_kl * out_mask).sum(1).cpu())
         length.append(out_mask.sum(1).float().cpu())
-        texts += [tokenizer.decode([t for t, m in zip(o, om) if m]).strip() for o, om in zip(out.tolist(), out_mask.tolist())]
+        texts += [tokenizer.decode([t for t, m in zip(o, om) if m]).strip()
+                  for o, om in zip(out.tolist(), out_mask.tolist())]
     stats = dict(eval_score=torch.cat(score).mean().item(), eval_true_kl=torch.cat(kl).mean().item(),
                  eval_length=torch.cat(length).mean().item())
     if world is not None:  # the simulated annotator: win rate against the reference outputs
@@ -274,11 +234,6 @@ def evaluate(step, policy, ref, reward_model, tokenizer, records, args, dev, ran
         checkpoints.write_alpaca_eval(os.path.join(args.out, "eval", f"step{step:04d}.json"), records, texts,
                                       f"lora-rlhf-{args.estimator}-step{step}")
     return stats
-
-
-def save(state, args, rank, policy):
-    rundir.save_checkpoint(state, dataclasses.asdict(args), args.out, rank, barrier,
-                           lambda path: checkpoints.save_adapter(policy, path))
 
 
 def console_line(step, steps, stats, seconds):
@@ -301,8 +256,6 @@ def eval_line(stats):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    # The experiment as one flat script in numbered sections, as CleanRL's ppo.py: long on purpose, so that it
-    # reads top to bottom; each section calls the helpers above it, and the PPO step is ppo.py's.
     # 1. config: flags, ranks, devices
     args, world = parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -312,10 +265,9 @@ def main(argv=None):
     if args.dry_run:
         return plan.print_plan(args, devices)
     log = print if rank == 0 else (lambda *a, **k: None)
-    if rank == 0:  # OUT first: a bad --out, or another run writing there, ends here before any work
-        note = rundir.claim(args.out)
-        if note:
-            log(note)
+    # OUT first: a bad --out, or another run writing there, ends here before any work
+    if rank == 0 and (note := rundir.claim(args.out)):
+        log(note)
     dev = devices[0]
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -330,26 +282,47 @@ def main(argv=None):
         import world as world_eval
         world_dir = os.path.join(args.world_dir, f"seed{args.world_seed}")
         paths = world_eval.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
-        barrier()
+        rundir.barrier()
         paths = paths or world_eval.bootstrap(world_dir, seed=args.world_seed, log=None)
         args = dataclasses.replace(args, policy=paths["policy"], reward=paths["reward"], prompts=paths["prompts"],
                                    eval_prompts=paths["eval"])
     tokenizer = llama.Tokenizer(args.tokenizer or os.path.join(args.policy, "tokenizer.model"))
-    kept, eval_records = read_prompts(args, tokenizer, log)
+    prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))  # the Alpaca template
+               for r in checkpoints.read_prompts(args.prompts)]
+    kept = [p for p in prompts if len(p) <= args.max_prompt_tokens]  # longer ones dropped, as the reference does
+    log(f"prompts: {len(kept)} of {len(prompts)} from {args.prompts} (dropped {len(prompts) - len(kept)} longer "
+        f"than {args.max_prompt_tokens} tokens)")
+    if not kept:
+        raise ValueError(f"{args.prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
+    eval_records = checkpoints.read_prompts(args.eval_prompts) if args.eval_prompts else None  # held out
 
-    # 3. models and placement: policy + value train on devices[0]; reference + reward model frozen on devices[-1]
+    # 3. models: policy + value train on devices[0]; reference + reward model frozen on devices[-1] (bf16 on GPU)
     torch.manual_seed(args.seed)  # identical LoRA A init on every rank
-    policy, ref, reward_model, value = load_models(args, devices)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    lora_kw = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lora_dtype=torch.float32)
+    frozen = lambda m: m.requires_grad_(False).eval()
+    policy = checkpoints.load_llama(args.policy, dev, dtype)
+    lora.add_lora(policy, **lora_kw)
+    if len(devices) == 2:
+        ref = frozen(checkpoints.load_llama(args.policy, devices[1], dtype))
+        reward_model = frozen(checkpoints.load_reward_model(args.reward, devices[1], dtype))
+        value = ValueModel(checkpoints.load_reward_model(args.reward, dev, dtype).backbone, **lora_kw)
+    else:  # reference = policy with adapters off, reward model = value backbone with adapters off
+        ref, reward_model = None, frozen(checkpoints.load_reward_model(args.reward, dev, dtype))
+        value = ValueModel(reward_model.backbone, **lora_kw)
+    if args.max_prompt_tokens + args.max_new_tokens > policy.cfg.max_seq_len:
+        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
+                         f"exceed the policy's context of {policy.cfg.max_seq_len} tokens")
     policy.activation_checkpointing = value.backbone.activation_checkpointing = plan.use_checkpointing(args, dev)
     torch.manual_seed(args.seed + rank)  # LoRA dropout and sampling differ per rank
     params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
-    n_policy = lora.count_parameters(policy)[0]
+    n_train, (n_policy, n_base) = sum(p.numel() for p in params), lora.count_parameters(policy)
     log(f"devices: policy + value on {dev}, reference + reward model on {devices[-1]}"
         + ("" if len(devices) == 2 else " (policy and value backbone, adapters off)"))
     log(f"         {policy.output.weight.dtype}, {world_size} rank(s), activation checkpointing "
         + ("on" if policy.activation_checkpointing else "off"))
-    log(f"trainable: {sum(p.numel() for p in params):,} (policy LoRA {n_policy:,}, value LoRA + head "
-        f"{sum(p.numel() for p in params) - n_policy:,}) of {lora.count_parameters(policy)[1]:,} policy parameters")
+    log(f"trainable: {n_train:,} (policy LoRA {n_policy:,}, value LoRA + head {n_train - n_policy:,}) of {n_base:,} "
+        f"policy parameters")
     if world_size > 1:  # every rank must start from identical trainable weights
         for p in params:
             dist.broadcast(p.data, 0)
@@ -369,10 +342,8 @@ def main(argv=None):
                               optimizer, scheduler, generator)
         step, pos, kl_coef = state["step"], state["pos"], state["kl_coef"]
         log(f"resumed from {args.out}/checkpoint at step {step}")
-    elif rank == 0:
-        moved = rundir.move_earlier_run(args.out)
-        if moved:
-            log(f"moved the earlier run in {args.out} to {moved} (`--out {moved} --resume` would continue it)")
+    elif rank == 0 and (moved := rundir.move_earlier_run(args.out)):
+        log(f"moved the earlier run in {args.out} to {moved} (`--out {moved} --resume` would continue it)")
 
     # 6. the PPO loop; a NaN, Ctrl-C or SIGTERM stops it with the last finished step saved
     log(f"PPO: {args.steps} steps x {args.rollout_batch_size} rollouts, step batch {args.step_batch_size}, "
@@ -385,9 +356,8 @@ def main(argv=None):
     try:
         while step < args.steps:
             t0 = time.time()
-            tokens, mask = llama.left_pad(batch_prompts(kept, pos + rank * per_rank, per_rank, args.seed),
-                                          tokenizer.pad_id)
-            tokens, mask = tokens.to(dev), mask.to(dev)
+            prompts = batch_prompts(kept, pos + rank * per_rank, per_rank, args.seed)  # this rank's share
+            tokens, mask = (x.to(dev) for x in llama.left_pad(prompts, tokenizer.pad_id))
             responses, rmask = ppo.generate_responses(policy, tokens, mask, cfg, tokenizer.eos_id,
                                                       tokenizer.pad_id, generator)          # 1a. sample
             t1 = time.time()
@@ -411,12 +381,12 @@ def main(argv=None):
             log(console_line(step, args.steps, stats, t3 - t0))
             good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
             if step % args.save_every == 0 or step == args.steps:
-                save(good, args, rank, policy)
+                rundir.save_checkpoint(good, dataclasses.asdict(args), args.out, rank, policy)
             if world_size > 1 and rundir.interrupted(dev):  # several ranks stop together, here
                 raise rundir.Interrupted("signal")
     except (FloatingPointError, rundir.Interrupted) as e:
         rundir.restore(good, policy, value, optimizer, scheduler, generator)
-        save(good, args, rank, policy)
+        rundir.save_checkpoint(good, dataclasses.asdict(args), args.out, rank, policy)
         where = f"the checkpoint of step {good['step']} is in {args.out}/checkpoint (--resume continues from it)"
         if isinstance(e, FloatingPointError):
             raise FloatingPointError(f"{e}; stopped at PPO step {good['step'] + 1}, {where}") from None
