@@ -236,12 +236,13 @@ def evaluate(step, policy, ref, reward_model, tokenizer, records, args, dev, ran
     return stats
 
 
-def console_line(step, steps, stats, seconds):
+def console_line(step, steps, stats):
     # score: the reward model's; penalty: mean D_t per token; true KL: exact, per response; len: tokens incl.
-    # EOS; loss: policy + vf_coef x value loss; tok/s: response tokens sampled and trained per second
+    # EOS; loss: policy + vf_coef x value loss; tok/s: response tokens sampled and trained per second (the
+    # step's seconds are in OUT/metrics.jsonl)
     line = (f"step {step:3d}/{steps} | score {stats['score']:+.3f} | penalty {stats['penalty']:+.4f} | "
             f"true KL {stats['true_kl']:.2f} | len {stats['response_length']:.1f} | loss {stats['loss']:+.3f} | "
-            f"{stats['tokens_per_s']:.0f} tok/s | {seconds:.1f}s")
+            f"{stats['tokens_per_s']:.0f} tok/s")
     return line + ("\n" + eval_line(stats) if "eval_score" in stats else "")
 
 
@@ -317,10 +318,11 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)  # LoRA dropout and sampling differ per rank
     params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
     n_train, (n_policy, n_base) = sum(p.numel() for p in params), lora.count_parameters(policy)
-    log(f"devices: policy + value on {dev}, reference + reward model on {devices[-1]}"
-        + ("" if len(devices) == 2 else " (policy and value backbone, adapters off)"))
-    log(f"         {policy.output.weight.dtype}, {world_size} rank(s), activation checkpointing "
-        + ("on" if policy.activation_checkpointing else "off"))
+    log(f"devices: policy + value on {dev}, reference + reward model on {devices[-1]}; "
+        f"{policy.output.weight.dtype}, {world_size} rank(s)")
+    if len(devices) == 1:
+        log("         reference = policy, reward model = value backbone, both with adapters off")
+    log("         activation checkpointing " + ("on" if policy.activation_checkpointing else "off"))
     log(f"trainable: {n_train:,} (policy LoRA {n_policy:,}, value LoRA + head {n_train - n_policy:,}) of {n_base:,} "
         f"policy parameters")
     if world_size > 1:  # every rank must start from identical trainable weights
@@ -378,7 +380,7 @@ def main(argv=None):
                 stats.update(evaluate(step, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank,
                                       world_eval))
             rundir.append_metrics(metrics_file, {"step": step, **stats}, rank)
-            log(console_line(step, args.steps, stats, t3 - t0))
+            log(console_line(step, args.steps, stats))
             good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
             if step % args.save_every == 0 or step == args.steps:
                 rundir.save_checkpoint(good, dataclasses.asdict(args), args.out, rank, policy)

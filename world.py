@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 
@@ -387,6 +388,7 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
     cfg=None takes a world already built in `out` as it is (train.py does this, so a smaller world built with
     `python world.py` works too), and builds WorldConfig()'s otherwise."""
     log = log or (lambda *a: None)
+    say = lambda text: log(textwrap.fill(text, 100, subsequent_indent=" " * 8))  # within 100 columns
     paths = {k: os.path.join(out, v) for k, v in LAYOUT.items()}
     if os.path.exists(paths["info"]):
         built = read_world(paths["info"])["config"]
@@ -399,19 +401,19 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
     spec = {"seed": seed, **asdict(cfg)}
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"{out} exists but holds no {LAYOUT['info']}; delete it or use another directory")
-    log(f"[world] building the small world into {out}: once, about 5 minutes on 2 CPU cores; later runs reuse it")
+    say(f"[world] building the small world into {out}: once (about 5 minutes on 2 CPU cores), then reused")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp, t0, info = claim_build_dir(out, spec, log), time.time(), {}
     for i, (name, build) in enumerate(STAGES, 1):
         marker = os.path.join(tmp, f".done-{name}.json")
         if os.path.exists(marker):
             info[name] = read_json(marker)
-            log(f"[world] {i}/{len(STAGES)} {name}: finished by the earlier build")
+            say(f"[world] {i}/{len(STAGES)} {name}: finished by the earlier build")
             continue
         t = time.time()
         info[name], line = build(tmp, cfg, seed, log)
         write_json(marker, info[name])
-        log(f"[world] {i}/{len(STAGES)} {line} ({time.time() - t:.0f} s; {time.time() - t0:.0f} s in all)")
+        say(f"[world] {i}/{len(STAGES)} {line} ({time.time() - t:.0f} s; {time.time() - t0:.0f} s in all)")
     write_json(os.path.join(tmp, LAYOUT["info"]), {"config": spec, **info})
     try:
         if os.path.isdir(out):

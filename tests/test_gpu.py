@@ -222,7 +222,7 @@ def test_train_script_on_the_gpu(setup, tmp_path, devices):  # noqa: F811
     assert r.returncode == 0, r.stderr[-3000:]
     assert "torch.bfloat16" in r.stdout
     two = "," in devices
-    assert ("(policy and value backbone, adapters off)" in r.stdout) != two
+    assert ("reference = policy, reward model = value backbone" in r.stdout) != two
     ms = metrics(tmp_path / "o")
     assert [m["step"] for m in ms] == [1, 2]
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for m in ms for v in m.values()), ms
