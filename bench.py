@@ -148,7 +148,8 @@ def decode_step(policy, prompts, mask, N, cuda_graph, device, repeats=20):
 
 
 def bench_ppo(args, device, dtype):
-    """One PPO step at a preset's shape: generate, score, then the update per micro-batch and checkpointing."""
+    """One PPO step at a preset's shape: generate, score, then the update per micro-batch and checkpointing.
+    Long because it is a list: one phase after another, each measured and printed as soon as it ends."""
     cfg, P, N, R, G = get_preset(args.preset), args.prompt_len, args.new_tokens, args.rollout_batch, args.generate_batch
     cuda = device.type == "cuda"
     graph = cuda and args.cuda_graph
@@ -250,6 +251,7 @@ def bench_ppo(args, device, dtype):
 
 
 def main(argv=None):
+    # the flags, then one benchmark after another (generation with and without the cache, fwd+bwd, --ppo)
     ap = argparse.ArgumentParser(description="Generation and training speed of llama.py on random weights.")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on GPU")

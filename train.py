@@ -257,6 +257,8 @@ def eval_line(stats):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
+    """The run, top to bottom, in seven numbered sections, as CleanRL's ppo.py: one long function so that the
+    order of an experiment reads in one place; the bookkeeping (resume, checkpoints, signals) is called from it."""
     # 1. config: flags, ranks, devices
     args, world = parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
