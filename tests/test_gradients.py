@@ -165,7 +165,7 @@ def test_readme_table():
         got_kl, got_js, got_cos = pairs[pair]
         assert abs(got_kl - kl) <= 5e-6 and abs(got_js - js) <= 5e-6 and abs(got_cos - cos) <= 5e-4, pair
     got = {(pair, name, placement): cells for pair, name, placement, _, *cells in rows}
-    printed = {  # (error, size, cosine) as `python divergences.py` prints them (the README shows error and cosine), close / medium / far
+    printed = {  # (error, size, cosine) as `python divergences.py` prints them, close / medium / far
         ("kl", "reward"): [(0, 1, 1), (0, 1, 1), (0, 1, 1)],
         ("clamped_kl", "reward"): [(0.509, 0.549, 0.949), (0.465, 0.610, 0.948), (0.317, 0.785, 0.965)],
         ("clamped_kl", "loss"): [(5.703, 6.675, 0.976), (0.812, 1.656, 0.931), (0.599, 0.438, 0.950)],
