@@ -1,5 +1,7 @@
 """
-The memory plan of a run (`train.py --dry-run`): the real models built on PyTorch's meta device, so their
+Where a run's models go and what memory they need. Placement: one or two devices per rank (the paper's two:
+policy + value training on the first, the frozen reference + reward model on the second) and the batch sizes
+split over ranks. The memory plan (`train.py --dry-run`): the real models built on PyTorch's meta device, so their
 parameters are counted exactly and nothing is allocated; activations estimated from what autograd keeps.
 The peak of a device is its weights and trainable state plus the largest of the step's three phases
 (generate, score, update), for each micro-batch size with and without activation checkpointing.
@@ -13,6 +15,50 @@ import llama
 import lora
 from reward import RewardModel, ValueModel
 
+
+# ----------------------------------------------------------------------------- placement
+
+def check_batches(args, world_size):
+    """Prompts per rank; the batch sizes must nest: rollout = k x step batch, step batch = ranks x micro-batches."""
+    for what, n, d in (("--rollout-batch-size", args.rollout_batch_size, world_size),
+                       ("--rollout-batch-size", args.rollout_batch_size, args.step_batch_size),
+                       ("--step-batch-size", args.step_batch_size, world_size),
+                       ("--step-batch-size per rank", args.step_batch_size // world_size, args.micro_batch_size)):
+        if n % d:
+            raise ValueError(f"{what} = {n} is not divisible by {d} (rollout = k x step batch, step batch = "
+                             f"ranks x micro-batches x k)")
+    return args.rollout_batch_size // world_size
+
+
+def pick_devices(spec, local_rank, local_world):
+    """--devices as one or two torch devices for this rank (default: two GPUs per rank if there are enough, else
+    one, else the CPU); a device that does not exist is one line naming it."""
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec is not None:
+        devs = spec.split(",")
+    elif n_cuda:
+        per = 2 if n_cuda >= 2 * local_world else 1
+        devs = [f"cuda:{local_rank * per + i}" for i in range(per)]
+    else:
+        devs = ["cpu"]
+    if not 1 <= len(devs) <= 2:
+        raise ValueError(f"--devices {spec!r}: give one or two devices")
+    for d in devs:
+        try:
+            dev = torch.device(d)
+        except RuntimeError:
+            raise ValueError(f"--devices: {d!r} is not a device name") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"--devices: {d} is not supported (cpu or cuda:N)")
+        if dev.type == "cuda" and (dev.index or 0) >= n_cuda:
+            raise ValueError(f"--devices: {d} does not exist on this machine ({n_cuda} CUDA devices)")
+    if spec is not None and local_rank > 0:  # the pair named is rank 0's; rank r takes the next free pair
+        devs = [f"cuda:{int(d.split(':')[1]) + local_rank * len(set(devs))}" if d.startswith("cuda:") else d
+                for d in devs]
+    return [torch.device(d) for d in devs]
+
+
+# ----------------------------------------------------------------------------- memory
 
 def saved_bytes_per_token_layer(cfg, w, checkpointing=False):
     """What autograd keeps per token and layer when training LoRA on wq, wk, wv, wo (frozen projections keep

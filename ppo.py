@@ -346,6 +346,8 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
             n_steps += 1
             for k, v in step_stats.items():
                 sums[k] = sums.get(k, 0.0) + v
+    if not all(torch.isfinite(p).all() for p in params):  # e.g. an overflow in Adam's moments
+        raise FloatingPointError("ppo_update: trainable weights are not finite after the update")
     stats = {k: v / n_steps for k, v in sums.items()}
     stats["lr"] = optimizer.param_groups[0]["lr"]
     if scheduler is not None:

@@ -135,43 +135,6 @@ def check_args(args, world):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
 
 
-def check_batches(args, world_size):
-    for what, n, d in (("--rollout-batch-size", args.rollout_batch_size, world_size),
-                       ("--rollout-batch-size", args.rollout_batch_size, args.step_batch_size),
-                       ("--step-batch-size", args.step_batch_size, world_size),
-                       ("--step-batch-size per rank", args.step_batch_size // world_size, args.micro_batch_size)):
-        if n % d:
-            raise ValueError(f"{what} = {n} is not divisible by {d} (rollout = k x step batch, step batch = "
-                             f"ranks x micro-batches x k)")
-    return args.rollout_batch_size // world_size
-
-
-def pick_devices(spec, local_rank, local_world):
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if spec is not None:
-        devs = spec.split(",")
-    elif n_cuda:
-        per = 2 if n_cuda >= 2 * local_world else 1
-        devs = [f"cuda:{local_rank * per + i}" for i in range(per)]
-    else:
-        devs = ["cpu"]
-    if not 1 <= len(devs) <= 2:
-        raise ValueError(f"--devices {spec!r}: give one or two devices")
-    for d in devs:
-        try:
-            dev = torch.device(d)
-        except RuntimeError:
-            raise ValueError(f"--devices: {d!r} is not a device name") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"--devices: {d} is not supported (cpu or cuda:N)")
-        if dev.type == "cuda" and (dev.index or 0) >= n_cuda:
-            raise ValueError(f"--devices: {d} does not exist on this machine ({n_cuda} CUDA devices)")
-    if spec is not None and local_rank > 0:  # the pair named is rank 0's; rank r takes the next free pair
-        devs = [f"cuda:{int(d.split(':')[1]) + local_rank * len(set(devs))}" if d.startswith("cuda:") else d
-                for d in devs]
-    return [torch.device(d) for d in devs]
-
-
 # ----------------------------------------------------------------------------- the loop's helpers
 
 def lr_schedule(args):
@@ -254,54 +217,52 @@ def eval_line(stats):
             f"{stats['eval_length']:.1f}" + win)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the run's set-up, in order
 
-def main(argv=None):
-    """The run, top to bottom, in seven numbered sections, as CleanRL's ppo.py: one long function so that the
-    order of an experiment reads in one place; the bookkeeping (resume, checkpoints, signals) is called from it."""
-    # 1. config: flags, ranks, devices
-    args, world = parse_args(argv)
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    per_rank = check_batches(args, world_size)
-    devices = pick_devices(args.devices, local_rank, local_world)
-    if args.dry_run:
-        return plan.print_plan(args, devices)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    # OUT first: a bad --out, or another run writing there, ends here before any work
+def init_ranks(args, devices, rank, world_size, local_world):
+    """Claim OUT (a bad --out, or another run writing there, ends here before any work), then join the ranks."""
     if rank == 0 and (note := rundir.claim(args.out)):
-        log(note)
-    dev = devices[0]
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+        print(note)
+    if devices[0].type == "cuda":
+        torch.cuda.set_device(devices[0])
     elif local_world > 1:  # CPU ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1:  # generous timeout: rank 0 may build the small world while the others wait at a barrier
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
+        dist.init_process_group("nccl" if devices[0].type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
 
-    # 2. data: the built-in small world, or real checkpoints and prompts
-    world_eval = None
-    if world:  # rank 0 builds it (once); the others wait, then read the finished directory
-        import world as world_eval
-        world_dir = os.path.join(args.world_dir, f"seed{args.world_seed}")
-        paths = world_eval.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
-        rundir.barrier()
-        paths = paths or world_eval.bootstrap(world_dir, seed=args.world_seed, log=None)
-        args = dataclasses.replace(args, policy=paths["policy"], reward=paths["reward"], prompts=paths["prompts"],
-                                   eval_prompts=paths["eval"])
+
+def use_world(args, rank, log):
+    """args pointing at the built-in small world's files, and the world (its annotator judges evaluations).
+    Rank 0 builds it once; the others wait, then read the finished directory."""
+    import world
+    world_dir = os.path.join(args.world_dir, f"seed{args.world_seed}")
+    paths = world.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
+    rundir.barrier()
+    paths = paths or world.bootstrap(world_dir, seed=args.world_seed, log=None)
+    return dataclasses.replace(args, policy=paths["policy"], reward=paths["reward"], prompts=paths["prompts"],
+                               eval_prompts=paths["eval"]), world
+
+
+def read_data(args, log):
+    """The tokenizer, the PPO prompts as token lists (in the Alpaca template; longer ones dropped, as the
+    reference does) and the held-out evaluation records (or None)."""
     tokenizer = llama.Tokenizer(args.tokenizer or os.path.join(args.policy, "tokenizer.model"))
-    prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))  # the Alpaca template
+    prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))
                for r in checkpoints.read_prompts(args.prompts)]
-    kept = [p for p in prompts if len(p) <= args.max_prompt_tokens]  # longer ones dropped, as the reference does
+    kept = [p for p in prompts if len(p) <= args.max_prompt_tokens]
     log(f"prompts: {len(kept)} of {len(prompts)} from {args.prompts} (dropped {len(prompts) - len(kept)} longer "
         f"than {args.max_prompt_tokens} tokens)")
     if not kept:
         raise ValueError(f"{args.prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
-    eval_records = checkpoints.read_prompts(args.eval_prompts) if args.eval_prompts else None  # held out
+    return tokenizer, kept, checkpoints.read_prompts(args.eval_prompts) if args.eval_prompts else None
 
-    # 3. models: policy + value train on devices[0]; reference + reward model frozen on devices[-1] (bf16 on GPU)
-    torch.manual_seed(args.seed)  # identical LoRA A init on every rank
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+def load_models(args, devices, log):
+    """(policy, value, reference, reward model): policy + value train on devices[0] (LoRA on both); reference +
+    reward model frozen on devices[-1]; bf16 on GPU. With one device the reference is None (the policy with its
+    adapters off) and the reward model is the value model's backbone with its adapters off."""
+    dev, dtype = devices[0], torch.bfloat16 if devices[0].type == "cuda" else torch.float32
     lora_kw = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lora_dtype=torch.float32)
     frozen = lambda m: m.requires_grad_(False).eval()
     policy = checkpoints.load_llama(args.policy, dev, dtype)
@@ -310,26 +271,86 @@ def main(argv=None):
         ref = frozen(checkpoints.load_llama(args.policy, devices[1], dtype))
         reward_model = frozen(checkpoints.load_reward_model(args.reward, devices[1], dtype))
         value = ValueModel(checkpoints.load_reward_model(args.reward, dev, dtype).backbone, **lora_kw)
-    else:  # reference = policy with adapters off, reward model = value backbone with adapters off
+    else:
         ref, reward_model = None, frozen(checkpoints.load_reward_model(args.reward, dev, dtype))
         value = ValueModel(reward_model.backbone, **lora_kw)
     if args.max_prompt_tokens + args.max_new_tokens > policy.cfg.max_seq_len:
         raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
                          f"exceed the policy's context of {policy.cfg.max_seq_len} tokens")
     policy.activation_checkpointing = value.backbone.activation_checkpointing = plan.use_checkpointing(args, dev)
-    torch.manual_seed(args.seed + rank)  # LoRA dropout and sampling differ per rank
-    params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
-    n_train, (n_policy, n_base) = sum(p.numel() for p in params), lora.count_parameters(policy)
     log(f"devices: policy + value on {dev}, reference + reward model on {devices[-1]}; "
-        f"{policy.output.weight.dtype}, {world_size} rank(s)")
+        f"{policy.output.weight.dtype}, {dist.get_world_size() if dist.is_initialized() else 1} rank(s)")
     if len(devices) == 1:
         log("         reference = policy, reward model = value backbone, both with adapters off")
     log("         activation checkpointing " + ("on" if policy.activation_checkpointing else "off"))
+    params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
+    n_train, (n_policy, n_base) = sum(p.numel() for p in params), lora.count_parameters(policy)
     log(f"trainable: {n_train:,} (policy LoRA {n_policy:,}, value LoRA + head {n_train - n_policy:,}) of {n_base:,} "
         f"policy parameters")
-    if world_size > 1:  # every rank must start from identical trainable weights
-        for p in params:
-            dist.broadcast(p.data, 0)
+    for p in params if dist.is_initialized() else ():  # every rank starts from identical trainable weights
+        dist.broadcast(p.data, 0)
+    return policy, value, ref, reward_model
+
+
+def start_or_resume(args, rank, log, policy, value, optimizer, scheduler, generator):
+    """(step, prompt position, beta) to start from: OUT/checkpoint's with --resume (every flag but those in
+    MAY_CHANGE_ON_RESUME must match it), else 0 with an earlier run's files in OUT moved aside, never overwritten."""
+    if args.resume:
+        state = rundir.resume(args.out, rank, dataclasses.asdict(args), MAY_CHANGE_ON_RESUME, policy, value,
+                              optimizer, scheduler, generator)
+        log(f"resumed from {args.out}/checkpoint at step {state['step']}")
+        return state["step"], state["pos"], state["kl_coef"]
+    if rank == 0 and (moved := rundir.move_earlier_run(args.out)):
+        log(f"moved the earlier run in {args.out} to {moved} (`--out {moved} --resume` would continue it)")
+    return 0, 0, args.kl_coef
+
+
+def stop(e, good, args, rank, policy, value, optimizer, scheduler, generator):
+    """After a NaN or a signal: back to the last finished step, save it, and say where it is."""
+    rundir.restore(good, policy, value, optimizer, scheduler, generator)
+    rundir.save_checkpoint(good, dataclasses.asdict(args), args.out, rank, policy)
+    where = f"the checkpoint of step {good['step']} is in {args.out}/checkpoint (--resume continues from it)"
+    if isinstance(e, FloatingPointError):
+        raise FloatingPointError(f"{e}; stopped at PPO step {good['step'] + 1}, {where}") from None
+    raise rundir.Interrupted(f"interrupted ({e}): {where}") from None
+
+
+def finish(args, rank, params, policy, metrics_file, log):
+    """The trainable weights' checksum (runs that agree print the same), the final adapter, and the ranks parted."""
+    print(f"trainable checksum {sum(p.double().sum().item() for p in params):.12e} (rank {rank})", flush=True)
+    if rank == 0:
+        checkpoints.save_adapter(policy, os.path.join(args.out, "adapter"), base_model_name_or_path=args.policy)
+        log(f"done: adapter in {args.out}/adapter, metrics in {metrics_file}")
+    rundir.release()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    """The run, top to bottom, in seven numbered sections, as CleanRL's ppo.py; set-up and bookkeeping (resume,
+    checkpoints, signals) are called from it, so that the PPO loop reads on one screen."""
+    # 1. config: flags, ranks, devices
+    args, world = parse_args(argv)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    per_rank = plan.check_batches(args, world_size)
+    devices = plan.pick_devices(args.devices, local_rank, local_world)
+    if args.dry_run:
+        return plan.print_plan(args, devices)
+    log, dev = print if rank == 0 else (lambda *a, **k: None), devices[0]
+    init_ranks(args, devices, rank, world_size, local_world)
+
+    # 2. data: the built-in small world, or real checkpoints and prompts
+    args, world = use_world(args, rank, log) if world else (args, None)
+    tokenizer, prompts, eval_records = read_data(args, log)
+
+    # 3. models: policy, value (LoRA), reference, reward model
+    torch.manual_seed(args.seed)  # identical LoRA A init on every rank
+    policy, value, ref, reward_model = load_models(args, devices, log)
+    torch.manual_seed(args.seed + rank)  # LoRA dropout and sampling differ per rank
+    params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
 
     # 4. optimizer: AdamW, warm-up then linear decay (lr_schedule)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0)
@@ -338,30 +359,23 @@ def main(argv=None):
     generator = torch.Generator(dev).manual_seed(1000 * args.seed + rank)
     sync = (lambda: sync_grads(params, world_size)) if world_size > 1 else None
 
-    # 5. resume, or start without touching an earlier run's files
-    step, pos, kl_coef = 0, 0, args.kl_coef
+    # 5. resume, or start without touching an earlier run's files; the SFT policy's evaluation is step 0
+    step, pos, kl_coef = start_or_resume(args, rank, log, policy, value, optimizer, scheduler, generator)
     metrics_file = os.path.join(args.out, "metrics.jsonl")
-    if args.resume:
-        state = rundir.resume(args.out, rank, dataclasses.asdict(args), MAY_CHANGE_ON_RESUME, policy, value,
-                              optimizer, scheduler, generator)
-        step, pos, kl_coef = state["step"], state["pos"], state["kl_coef"]
-        log(f"resumed from {args.out}/checkpoint at step {step}")
-    elif rank == 0 and (moved := rundir.move_earlier_run(args.out)):
-        log(f"moved the earlier run in {args.out} to {moved} (`--out {moved} --resume` would continue it)")
-
-    # 6. the PPO loop; a NaN, Ctrl-C or SIGTERM stops it with the last finished step saved
     log(f"PPO: {args.steps} steps x {args.rollout_batch_size} rollouts, step batch {args.step_batch_size}, "
         f"micro-batch {args.micro_batch_size}, estimator {args.estimator}, beta {kl_coef}")
-    if eval_records and step == 0:  # the SFT policy, as the baseline of every curve
-        stats = evaluate(0, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank, world_eval)
+    if eval_records and step == 0:  # the baseline of every curve
+        stats = evaluate(0, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank, world)
         rundir.append_metrics(metrics_file, {"step": 0, **stats}, rank)
         log("step   0 (the SFT policy)\n" + eval_line(stats))
+
+    # 6. the PPO loop; a NaN, Ctrl-C or SIGTERM stops it with the last finished step saved
     good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)  # last finished step
     try:
         while step < args.steps:
             t0 = time.time()
-            prompts = batch_prompts(kept, pos + rank * per_rank, per_rank, args.seed)  # this rank's share
-            tokens, mask = (x.to(dev) for x in llama.left_pad(prompts, tokenizer.pad_id))
+            batch_p = batch_prompts(prompts, pos + rank * per_rank, per_rank, args.seed)  # this rank's share
+            tokens, mask = (x.to(dev) for x in llama.left_pad(batch_p, tokenizer.pad_id))
             responses, rmask = ppo.generate_responses(policy, tokens, mask, cfg, tokenizer.eos_id,
                                                       tokenizer.pad_id, generator)          # 1a. sample
             t1 = time.time()
@@ -369,18 +383,15 @@ def main(argv=None):
                                              kl_coef, tokenizer.eos_id, ref_model=ref)  # 1b-d, 2. Eq. 3, 3. GAE
             t2 = time.time()
             stats.update(ppo.ppo_update(policy, value, optimizer, scheduler, batch, cfg, sync))  # 4. Eq. 2, 5.
-            if not all(torch.isfinite(p).all() for p in params):
-                raise FloatingPointError("ppo_update: trainable weights are not finite after the update")
             t3 = time.time()
             step, pos = step + 1, pos + args.rollout_batch_size
-            stats = mean_over_ranks({**stats, "time_rollout": t2 - t0, "time_generate": t1 - t0,
-                                     "time_score": t2 - t1, "time_train": t3 - t2,
-                                     "tokens_per_s": batch["mask"].sum().item() * world_size / (t3 - t0)},
-                                    world_size, dev)
+            stats = mean_over_ranks({**stats, "time_rollout": t2 - t0, "time_generate": t1 - t0, "time_score": t2 - t1,
+                                     "time_train": t3 - t2, "tokens_per_s": batch["mask"].sum().item() * world_size
+                                     / (t3 - t0)}, world_size, dev)
             kl_coef = ppo.update_kl_coef(kl_coef, stats["penalty_seq"], cfg)
             if eval_records and (step % args.eval_every == 0 or step == args.steps):
                 stats.update(evaluate(step, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank,
-                                      world_eval))
+                                      world))
             rundir.append_metrics(metrics_file, {"step": step, **stats}, rank)
             log(console_line(step, args.steps, stats))
             good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
@@ -389,21 +400,10 @@ def main(argv=None):
             if world_size > 1 and rundir.interrupted(dev):  # several ranks stop together, here
                 raise rundir.Interrupted("signal")
     except (FloatingPointError, rundir.Interrupted) as e:
-        rundir.restore(good, policy, value, optimizer, scheduler, generator)
-        rundir.save_checkpoint(good, dataclasses.asdict(args), args.out, rank, policy)
-        where = f"the checkpoint of step {good['step']} is in {args.out}/checkpoint (--resume continues from it)"
-        if isinstance(e, FloatingPointError):
-            raise FloatingPointError(f"{e}; stopped at PPO step {good['step'] + 1}, {where}") from None
-        raise rundir.Interrupted(f"interrupted ({e}): {where}") from None
+        stop(e, good, args, rank, policy, value, optimizer, scheduler, generator)
 
     # 7. the final adapter
-    print(f"trainable checksum {sum(p.double().sum().item() for p in params):.12e} (rank {rank})", flush=True)
-    if rank == 0:
-        checkpoints.save_adapter(policy, os.path.join(args.out, "adapter"), base_model_name_or_path=args.policy)
-        log(f"done: adapter in {args.out}/adapter, metrics in {metrics_file}")
-    rundir.release()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish(args, rank, params, policy, metrics_file, log)
 
 
 def cli(argv=None):
