@@ -4,18 +4,14 @@ LLaMA in one file: the network every model of RLHF is built from (policy, refere
     embedding -> N x (RMSNorm -> attention with rotary embeddings -> residual
                       -> RMSNorm -> SwiGLU MLP -> residual) -> RMSNorm -> output head
 
-Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models" (arXiv 2302.13971). Parameter
-names are Meta's (wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, tok_embeddings, output); the
-Hugging Face and Meta checkpoint layouts are translated in checkpoints.py.
-
-Left-padded batches are first-class: a (B, T) mask marks real tokens, and positions start at 0 on each
-sequence's first real token, so a padded row gives the logits of that sequence alone. `generate` is the one
-batched sampler (static KV cache, temperature, top-p, EOS, optionally its decoding step as a CUDA graph)
-shared by sample.py and the PPO rollout.
+Touvron et al. 2023 (arXiv 2302.13971), with Meta's parameter names (wq, w1, attention_norm, ...);
+checkpoints.py reads and writes the Hugging Face and Meta layouts. Left-padded batches are first-class: a
+(B, T) mask marks real tokens and positions start at 0 on each sequence's first one, so a padded row gives
+the logits of that sequence alone. `generate` is the one batched sampler (static KV cache, temperature,
+top-p, EOS, optionally a CUDA graph) of sample.py and the PPO rollout.
 
     model = Llama(LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, hidden_dim=176))
     out, out_mask = generate(model, tokens, mask, max_new_tokens=32, temperature=1.0, eos_id=2)
-    (checkpoints.load_llama("path/to/llama-7b-hf", device="cuda", dtype=torch.bfloat16) reads real weights)
 """
 import math
 import os
@@ -293,9 +289,8 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_p=1.0, eo
 
 def capture(fn, *args):
     """fn recorded as a CUDA graph: the function returned copies its arguments into the recorded inputs and
-    replays all of fn's kernels with one launch. By hand, not torch.compile(mode="reduce-overhead"): the graph
-    holds exactly the eager kernels (same numbers, tested token for token), and the sampling, whose random
-    numbers a graph would freeze, stays outside. The warm-up runs fn once on args (a step rewrites its slot)."""
+    replays fn's kernels in one launch. The graph holds exactly the eager kernels (tested token for token); the
+    sampling, whose random numbers a graph would freeze, stays outside. The warm-up runs fn once on args."""
     inputs = [a.clone() for a in args]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
