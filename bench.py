@@ -147,15 +147,12 @@ def decode_step(policy, prompts, mask, N, cuda_graph, device, repeats=20):
     return best_time(lambda: [step(token, start) for _ in range(repeats)], 3, device)[0] / repeats
 
 
-def bench_ppo(args, device, dtype):
-    """One PPO step at a preset's shape: generate, score, then the update per micro-batch and checkpointing.
-    Long because it is a list: one phase after another, each measured and printed as soon as it ends."""
-    cfg, P, N, R, G = get_preset(args.preset), args.prompt_len, args.new_tokens, args.rollout_batch, args.generate_batch
-    cuda = device.type == "cuda"
-    graph = cuda and args.cuda_graph
-    gib = lambda: torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+def ppo_models(cfg, device, dtype):
+    """(policy with LoRA, value model with LoRA, reward model) at a preset's shape, in train.py's one-device
+    placement (the value model is built on the reward model's backbone); random weights, created in dtype on
+    the device (no fp32 copy of 7B)."""
     torch.manual_seed(0)
-    torch.set_default_dtype(dtype)  # the frozen weights are created in bf16 on the device: no fp32 copy of 7B
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             policy, reward_model = Llama(cfg), RewardModel(cfg)
@@ -164,23 +161,16 @@ def bench_ppo(args, device, dtype):
     add_lora(policy, rank=8, alpha=64, dropout=0.1, lora_dtype=torch.float32)
     reward_model.requires_grad_(False)
     value = ValueModel(reward_model.backbone, rank=8, alpha=64, dropout=0.1, lora_dtype=torch.float32)
-    params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, eps=1e-5, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    w = torch.finfo(dtype).bits // 8
-    # the plan of the same run: weights + trainable state + phase (plan.phase_bytes)
-    frozen = sum(p.numel() for m in (policy, reward_model) for p in m.parameters() if not p.requires_grad)
-    plan_args = SimpleNamespace(max_prompt_tokens=P, max_new_tokens=N, generate_batch_size=G)
-    plan_gib = lambda mb, ckpt, i: (frozen * w + sum(p.numel() for p in params) * 16
-                                    + plan.phase_bytes(cfg, plan_args, w, mb, ckpt)[i]) / 2**30
-    limits = device_limits(device)
+    return policy, value, reward_model
+
+
+def print_ppo_header(args, device, dtype, n_trainable, gib, graph, limits):
+    P = args.prompt_len
     print(f"# {hardware(device)}; {args.preset}, {str(dtype).removeprefix('torch.')} weights; one-device placement; "
-          f"{sum(p.numel() for p in params):,} trainable; weights + LoRA on the device: {gib():.2f} GiB; "
+          f"{n_trainable:,} trainable; weights + LoRA on the device: {gib:.2f} GiB; "
           f"CUDA graph {'on' if graph else 'off'}; load average {os.getloadavg()[0]:.2f}")
     print(f"# nominal limits of the {limits[0]} (data sheet): {limits[1]} TFLOP/s dense bf16, {limits[2]} GB/s "
           f"memory bandwidth" if limits else "# nominal limits of this device: unknown")
-    prompts = torch.randint(3, cfg.vocab_size, (R, P), device=device)
-    mask = torch.ones_like(prompts)
     print(f"# prompts {P} tokens, temperature 1, top-p 1, estimator js; tokens/s: new tokens for generate, sequences "
           f"for the decoding step, prompt + response tokens (x epochs) otherwise; TFLOP/s: model FLOPs "
           f"(bench.model_flops), GB/s: weights and KV cache read (bench.read_bytes), each with its share of the "
@@ -189,6 +179,27 @@ def bench_ppo(args, device, dtype):
           f"peak the largest")
     print("\n| phase | micro-batch | checkpointing | seconds | tokens/s | TFLOP/s | GB/s | peak memory (GiB) | plan (GiB) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+
+
+def bench_ppo(args, device, dtype):
+    """One PPO step at a preset's shape: generate, score, then the update per micro-batch and checkpointing.
+    Long because it is a list: one phase after another, each measured and printed as soon as it ends."""
+    cfg, P, N, R, G = get_preset(args.preset), args.prompt_len, args.new_tokens, args.rollout_batch, args.generate_batch
+    cuda, graph = device.type == "cuda", device.type == "cuda" and args.cuda_graph
+    gib = lambda: torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    policy, value, reward_model = ppo_models(cfg, device, dtype)
+    params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, eps=1e-5, weight_decay=0.0)
+    scheduler, w = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), torch.finfo(dtype).bits // 8
+    # the plan of the same run: weights + trainable state + phase (plan.phase_bytes)
+    frozen = sum(p.numel() for m in (policy, reward_model) for p in m.parameters() if not p.requires_grad)
+    plan_args = SimpleNamespace(max_prompt_tokens=P, max_new_tokens=N, generate_batch_size=G)
+    plan_gib = lambda mb, ckpt, i: (frozen * w + sum(p.numel() for p in params) * 16
+                                    + plan.phase_bytes(cfg, plan_args, w, mb, ckpt)[i]) / 2**30
+    limits = device_limits(device)
+    print_ppo_header(args, device, dtype, sum(p.numel() for p in params), gib(), graph, limits)
+    prompts = torch.randint(3, cfg.vocab_size, (R, P), device=device)
+    mask = torch.ones_like(prompts)
     num = lambda x: "-" if x != x else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
     share = lambda x, i: num(x) + (f" ({100 * x / limits[i]:.0f}%)" if limits and x == x else "")
 
@@ -250,8 +261,7 @@ def bench_ppo(args, device, dtype):
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
-def main(argv=None):
-    # the flags, then one benchmark after another (generation with and without the cache, fwd+bwd, --ppo)
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Generation and training speed of llama.py on random weights.")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on GPU")
@@ -275,25 +285,14 @@ def main(argv=None):
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="--ppo: replay the decoding step as a CUDA graph (CUDA only)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    if args.ppo:
-        return bench_ppo(args, device, dtype)
-    cfg = get_preset(args.preset)
-    torch.manual_seed(0)
-    model = Llama(cfg).to(device=device, dtype=dtype).eval()
-    P, N, V = args.prompt_len, args.new_tokens, cfg.vocab_size
-    if P < 1 or N < 1 or P + N > cfg.max_seq_len:
-        raise ValueError(f"--prompt-len {P} and --new-tokens {N} must be >= 1 and fit the context of "
-                         f"{cfg.max_seq_len} tokens of preset {args.preset}")
-    print(f"# {hardware(device)}; {args.preset}: {count_parameters(model)[1] / 1e6:.1f}M parameters, "
-          f"{str(dtype).removeprefix('torch.')}, best of {args.repeats}; load average {os.getloadavg()[0]:.2f}")
-    rows, notes = [], []
-    t_start = time.perf_counter()
+    return args
 
-    # 1. generation: new tokens per second, with and without the KV cache
+
+def bench_generation(model, args, device):
+    """Rows (config, batch, new tokens, seconds, tokens/s, speed-up, cores) of generation at each --batches
+    size with and without the KV cache, and the notes that extrapolate a shortened no-cache run."""
+    P, N, V = args.prompt_len, args.new_tokens, model.cfg.vocab_size
+    rows, notes = [], []
     for B in args.batches:
         prompt = torch.randint(V, (B, P), device=device)
         mask = torch.ones_like(prompt)
@@ -324,9 +323,13 @@ def main(argv=None):
                          f"{t_none:.3g} s x S({N}) / S({n}) = {est:.3g} s ({B * N / est:.2g} tokens/s, a cache "
                          f"speed-up of about {est / t_cache_N:.0f}x), S(N) = N * {P} + N * (N - 1) / 2 "
                          f"tokens per row (rough: per-step overhead and attention's quadratic cost are ignored).")
+    return rows, notes
 
-    # 2. training: forward + backward tokens/s, full model, then LoRA (add_lora changes the model: last)
-    B, T = args.train_batch, args.train_len
+
+def bench_training(model, args, device):
+    """Rows of forward + backward tokens/s, the full model trainable, then LoRA (add_lora changes the model)."""
+    B, T, V = args.train_batch, args.train_len, model.cfg.vocab_size
+    rows = []
     tokens = torch.randint(V, (B, T), device=device)
     model.train()
 
@@ -343,7 +346,30 @@ def main(argv=None):
         step(tokens[:1])  # warm-up
         t, c = best_time(lambda: step(tokens), args.repeats, device)
         rows.append((f"fwd+bwd, {T}-token rows, {name} ({trainable / 1e6:.2f}M trainable)", B, "-", t, B * T / t, "", c))
+    return rows
 
+
+def main(argv=None):
+    """The flags, then one benchmark after another: generation with and without the cache, fwd+bwd; or --ppo."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.ppo:
+        return bench_ppo(args, device, dtype)
+    cfg = get_preset(args.preset)
+    torch.manual_seed(0)
+    model = Llama(cfg).to(device=device, dtype=dtype).eval()
+    P, N = args.prompt_len, args.new_tokens
+    if P < 1 or N < 1 or P + N > cfg.max_seq_len:
+        raise ValueError(f"--prompt-len {P} and --new-tokens {N} must be >= 1 and fit the context of "
+                         f"{cfg.max_seq_len} tokens of preset {args.preset}")
+    print(f"# {hardware(device)}; {args.preset}: {count_parameters(model)[1] / 1e6:.1f}M parameters, "
+          f"{str(dtype).removeprefix('torch.')}, best of {args.repeats}; load average {os.getloadavg()[0]:.2f}")
+    t_start = time.perf_counter()
+    rows, notes = bench_generation(model, args, device)
+    rows += bench_training(model, args, device)
     print("\n| config | batch | new tokens | seconds | tokens/s | cache speed-up | CPU cores used |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for config, b, n, t, tps, speedup, cores in rows:
