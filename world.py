@@ -189,21 +189,10 @@ def sample(model, tok, records, temperature=0.0, max_new_tokens=96, batch_size=6
     return texts, ids
 
 
-def score(reward_model, tok, records, response_ids, batch_size=64):
-    """Reward-model scores r(x, y) (N,) of responses (token ids, EOS included when emitted)."""
-    device, out = next(reward_model.parameters()).device, []
-    with torch.no_grad():
-        for i in range(0, len(records), batch_size):
-            seqs = [encode_pair(tok, rec, "")[0] + y for rec, y in
-                    zip(records[i:i + batch_size], response_ids[i:i + batch_size])]
-            tokens, mask = llama.left_pad(seqs, tok.pad_id)
-            out.append(reward_model(tokens.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out)
-
-
-def evaluate(policy, tokenizer, eval_records, reward_model=None, max_new_tokens=96, batch_size=64):
+def evaluate(policy, tokenizer, eval_records, max_new_tokens=96, batch_size=64):
     """Greedy responses on held-out prompts -> gold win rate against the reference outputs (ties 1/2) with its
-    standard error, task accuracy, response length in tokens (EOS included) and reward-model score."""
+    standard error, task accuracy and response length in tokens (EOS included). (train.evaluate judges a PPO
+    policy: the same greedy responses, plus the reward model's score and the exact KL to the reference.)"""
     was_training = policy.training
     policy.eval()
     responses, ids = sample(policy, tokenizer, eval_records, 0.0, max_new_tokens, batch_size)
@@ -212,8 +201,6 @@ def evaluate(policy, tokenizer, eval_records, reward_model=None, max_new_tokens=
     stats["win_rate"], stats["win_rate_se"] = win_rate(eval_records, responses, [r["output"] for r in eval_records])
     stats["accuracy"], stats["accuracy_se"] = mean_se([float(check(r, y)) for r, y in zip(eval_records, responses)])
     stats["length"] = sum(len(y) for y in ids) / len(ids)
-    if reward_model is not None:
-        stats["reward"] = score(reward_model, tokenizer, eval_records, ids, batch_size).mean().item()
     return stats
 
 
@@ -270,7 +257,7 @@ def build_sft(d, cfg, seed, log):
     checkpoints.save_llama(policy, tmp)
     shutil.copy(path(d, "tokenizer"), os.path.join(tmp, "tokenizer.model"))
     publish(tmp, path(d, "policy"))
-    info = {"parameters": n_params, **evaluate(policy, tok, read_json(path(d, "eval")), None, cfg.max_new_tokens)}
+    info = {"parameters": n_params, **evaluate(policy, tok, read_json(path(d, "eval")), cfg.max_new_tokens)}
     return info, (f"SFT: {n_params / 1e6:.2f}M parameters; held-out accuracy {info['accuracy']:.2f}, win rate vs "
                   f"reference {info['win_rate']:.3f} ± {info['win_rate_se']:.3f}, {info['length']:.1f} tokens")
 
