@@ -1,6 +1,7 @@
 """
-The run directory OUT: what a training run writes there, how it resumes exactly, and how it keeps a user's
-files safe. train.py calls each of these as one line; none of them touches the algorithm.
+The run's bookkeeping: its directory OUT (what a training run writes there, how it resumes exactly, how it
+keeps a user's files safe) and its ranks. train.py calls each of these as one line; none of them touches
+the algorithm.
 
     OUT/metrics.jsonl    one JSON line per step
     OUT/checkpoint/      state.pt (trainable tensors, optimizer, scheduler, step, data position, flags),
@@ -13,6 +14,7 @@ whose torchrun launcher dies gets SIGTERM from the kernel, so it never keeps wri
 """
 import copy
 import ctypes
+import datetime
 import fcntl
 import json
 import os
@@ -98,6 +100,43 @@ def interrupted(device):
     return flag.item() > 0
 
 
+# ----------------------------------------------------------------------------- the ranks
+
+def init_ranks(out, devices, rank, world_size, local_world):
+    """Claim OUT (a bad --out, or another run writing there, ends here before any work), then join the ranks."""
+    if rank == 0 and (note := claim(out)):
+        print(note)
+    if devices[0].type == "cuda":
+        torch.cuda.set_device(devices[0])
+    elif local_world > 1:  # CPU ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1:  # generous timeout: rank 0 may build the small world while the others wait at a barrier
+        dist.init_process_group("nccl" if devices[0].type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sync_grads(params, world_size):
+    # the mean of the ranks' gradients, so every rank takes the same optimizer step
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world_size
+
+
+def mean_over_ranks(stats, world_size, dev):
+    if world_size == 1:
+        return stats
+    t = torch.tensor([float(stats[k]) for k in sorted(stats)], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return {k: v / world_size for k, v in zip(sorted(stats), t.tolist())}
+
+
 # ----------------------------------------------------------------------------- the run's state in memory
 
 def trainable_tensors(policy, value):
@@ -170,11 +209,6 @@ def move_earlier_run(out):
     return old
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(state, args, out, rank, policy):
     """Every rank writes into OUT/checkpoint.tmp; then renames publish it, so a crash leaves the old
     checkpoint or the new one, never half of one (a crash between the renames leaves checkpoint.old)."""
@@ -235,3 +269,29 @@ def resume(out, rank, args, may_change, policy, value, optimizer, scheduler, gen
     if rank == 0:
         truncate_metrics(os.path.join(out, "metrics.jsonl"), state["step"])
     return state
+
+
+# ----------------------------------------------------------------------------- start and stop
+
+def start(args, rank, may_change, log, policy, value, optimizer, scheduler, generator):
+    """(step, prompt position, beta) to start from: OUT/checkpoint's with --resume (every flag but those in
+    may_change must match it), else 0, with an earlier run's files in OUT moved aside, never overwritten.
+    args: the run's flags as a dict."""
+    out = args["out"]
+    if args["resume"]:
+        state = resume(out, rank, args, may_change, policy, value, optimizer, scheduler, generator)
+        log(f"resumed from {out}/checkpoint at step {state['step']}")
+        return state["step"], state["pos"], state["kl_coef"]
+    if rank == 0 and (moved := move_earlier_run(out)):
+        log(f"moved the earlier run in {out} to {moved} (`--out {moved} --resume` would continue it)")
+    return 0, 0, args["kl_coef"]
+
+
+def stop(e, good, args, rank, policy, value, optimizer, scheduler, generator):
+    """After a NaN or a signal: back to the last finished step `good`, save it, and raise e saying where it is."""
+    restore(good, policy, value, optimizer, scheduler, generator)
+    save_checkpoint(good, args, args["out"], rank, policy)
+    where = f"the checkpoint of step {good['step']} is in {args['out']}/checkpoint (--resume continues from it)"
+    if isinstance(e, FloatingPointError):
+        raise FloatingPointError(f"{e}; stopped at PPO step {good['step'] + 1}, {where}") from None
+    raise Interrupted(f"interrupted ({e}): {where}") from None

@@ -1,5 +1,6 @@
 """
-Sample completions from a LLaMA checkpoint (Hugging Face or Meta layout), batched, with a KV cache.
+Sample completions from a LLaMA checkpoint (Hugging Face or Meta layout), batched, with a KV cache; and
+`evaluate`, the paper's evaluation of a policy on held-out prompts, which train.py runs every --eval-every steps.
 
     python sample.py --checkpoint DIR --prompt "Name three primary colors."
     python sample.py --checkpoint .world/seed0/sft --adapter out/run/adapter --temperature 0 \
@@ -20,6 +21,7 @@ import sys
 import torch
 
 import checkpoints
+import ppo
 from llama import Tokenizer, alpaca_prompt, generate, left_pad
 from lora import count_parameters, merge_lora
 
@@ -63,6 +65,46 @@ def parse_args(argv=None):
     return args
 
 
+def respond(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, top_p=1.0, generator=None):
+    """Responses to prompts (token lists), one batch at a time: yields the left-padded prompts and their mask
+    (b, P), the responses and their mask (b, N) on the model's device, and the response texts."""
+    device = next(model.parameters()).device
+    for i in range(0, len(prompts), batch_size):
+        tokens, mask = (x.to(device) for x in left_pad(prompts[i:i + batch_size], tokenizer.pad_id))
+        out, out_mask = generate(model, tokens, mask, max_new_tokens, temperature, top_p, tokenizer.eos_id,
+                                 tokenizer.pad_id, generator)
+        yield tokens, mask, out, out_mask, [tokenizer.decode([t for t, keep in zip(ids, m) if keep]).strip()
+                                            for ids, m in zip(out.tolist(), out_mask.tolist())]
+
+
+@torch.no_grad()
+def evaluate(policy, ref, reward_model, tokenizer, records, max_new_tokens, batch_size, world=None, out_file=None,
+             generator_name=None):
+    """The paper's evaluation of a policy: greedy responses to held-out prompts, with their mean reward-model
+    score, exact KL to the reference (per response) and length; with the small world also its gold annotator's
+    win rate against the reference outputs and the task accuracy. out_file: the responses as AlpacaEval JSON."""
+    policy.eval()
+    prompts = [tokenizer.encode(alpaca_prompt(r["instruction"], r["input"])) for r in records]
+    texts, score, kl, length = [], [], [], []
+    for tokens, mask, out, out_mask, batch_texts in respond(policy, tokenizer, prompts, max_new_tokens, batch_size):
+        full, full_mask = torch.cat([tokens, out], 1), torch.cat([mask, out_mask], 1)
+        _, _, true_kl, _ = ppo.policy_and_reference(policy, ref, full, full_mask, out, out_mask, tokens.shape[1], 1.0)
+        score.append(ppo.reward_score(reward_model, full, full_mask, tokenizer.eos_id).cpu())
+        kl.append((true_kl * out_mask).sum(1).cpu())
+        length.append(out_mask.sum(1).float().cpu())
+        texts += batch_texts
+    stats = dict(eval_score=torch.cat(score).mean().item(), eval_true_kl=torch.cat(kl).mean().item(),
+                 eval_length=torch.cat(length).mean().item())
+    if world is not None:
+        stats["eval_win_rate"], stats["eval_win_rate_se"] = world.win_rate(records, texts,
+                                                                           [r["output"] for r in records])
+        stats["eval_accuracy"] = sum(world.check(r, t) for r, t in zip(records, texts)) / len(texts)
+    if out_file:
+        os.makedirs(os.path.dirname(out_file) or ".", exist_ok=True)
+        checkpoints.write_alpaca_eval(out_file, records, texts, generator_name)
+    return stats
+
+
 def main(argv=None):
     args = parse_args(argv)
     records = ([{"instruction": args.prompt, "input": args.input}] if args.prompt is not None
@@ -90,14 +132,12 @@ def main(argv=None):
     generator = torch.Generator(args.device).manual_seed(args.seed)
 
     outputs = []
-    for i in range(0, len(records), args.batch_size):
-        tokens, mask = left_pad(prompts[i:i + args.batch_size], tokenizer.pad_id)
-        out, out_mask = generate(model, tokens.to(args.device), mask.to(args.device), n_new, args.temperature,
-                                 args.top_p, tokenizer.eos_id, tokenizer.pad_id, generator)
-        for r, ids, m in zip(records[i:i + args.batch_size], out.tolist(), out_mask.tolist()):
-            outputs.append(tokenizer.decode([t for t, keep in zip(ids, m) if keep]).strip())
-            print(f"### {r['instruction']}" + (f"\n### Input: {r['input']}" if r["input"] else "")
-                  + f"\n{outputs[-1]}\n", flush=True)
+    for *_, texts in respond(model, tokenizer, prompts, n_new, args.batch_size, args.temperature, args.top_p,
+                             generator):
+        for r, text in zip(records[len(outputs):], texts):
+            outputs.append(text)
+            print(f"### {r['instruction']}" + (f"\n### Input: {r['input']}" if r["input"] else "") + f"\n{text}\n",
+                  flush=True)
     if args.out:
         name = args.generator or os.path.basename(os.path.normpath(args.checkpoint))
         checkpoints.write_alpaca_eval(args.out, records, outputs, name)

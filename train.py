@@ -22,7 +22,6 @@ os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 import argparse
 import dataclasses
-import datetime
 import math
 import sys
 import time
@@ -38,6 +37,7 @@ import lora
 import plan
 import ppo
 import rundir
+import sample
 from ppo import knob
 from reward import ValueModel
 
@@ -150,53 +150,11 @@ def batch_prompts(prompts, pos, n, seed):
     return [prompts[order(i // len(prompts))[i % len(prompts)]] for i in range(pos, pos + n)]
 
 
-def sync_grads(params, world_size):
-    # the mean of the ranks' gradients, so every rank takes the same optimizer step
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world_size
-
-
-def mean_over_ranks(stats, world_size, dev):
-    if world_size == 1:
-        return stats
-    t = torch.tensor([float(stats[k]) for k in sorted(stats)], dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    return {k: v / world_size for k, v in zip(sorted(stats), t.tolist())}
-
-
-@torch.no_grad()
-def evaluate(step, policy, ref, reward_model, tokenizer, records, args, dev, rank, world=None):
-    """Greedy responses to the held-out prompts, written to OUT/eval/stepNNNN.json (AlpacaEval); their mean
-    reward score, exact KL to the reference (per response) and length, and the small world's annotator's verdicts."""
-    policy.eval()
-    texts, score, kl, length = [], [], [], []
-    for i in range(0, len(records), args.micro_batch_size):
-        batch = records[i:i + args.micro_batch_size]
-        prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"])) for r in batch]
-        tokens, mask = (x.to(dev) for x in llama.left_pad(prompts, tokenizer.pad_id))
-        out, out_mask = llama.generate(policy, tokens, mask, args.max_new_tokens, temperature=0,
-                                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-        full, full_mask = torch.cat([tokens, out], 1), torch.cat([mask, out_mask], 1)
-        _, _, true_kl, _ = ppo.policy_and_reference(policy, ref, full, full_mask, out, out_mask, tokens.shape[1], 1.0)
-        score.append(ppo.reward_score(reward_model, full, full_mask, tokenizer.eos_id).cpu())
-        kl.append((true_kl * out_mask).sum(1).cpu())
-        length.append(out_mask.sum(1).float().cpu())
-        texts += [tokenizer.decode([t for t, m in zip(o, om) if m]).strip()
-                  for o, om in zip(out.tolist(), out_mask.tolist())]
-    stats = dict(eval_score=torch.cat(score).mean().item(), eval_true_kl=torch.cat(kl).mean().item(),
-                 eval_length=torch.cat(length).mean().item())
-    if world is not None:  # the simulated annotator: win rate against the reference outputs
-        stats["eval_win_rate"], stats["eval_win_rate_se"] = world.win_rate(records, texts,
-                                                                           [r["output"] for r in records])
-        stats["eval_accuracy"] = sum(world.check(r, t) for r, t in zip(records, texts)) / len(texts)
-    if rank == 0:
-        os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
-        checkpoints.write_alpaca_eval(os.path.join(args.out, "eval", f"step{step:04d}.json"), records, texts,
-                                      f"lora-rlhf-{args.estimator}-step{step}")
-    return stats
+def evaluate(step, policy, ref, reward_model, tokenizer, records, args, rank, world):
+    # sample.evaluate on the held-out prompts; rank 0 writes the responses to OUT/eval/stepNNNN.json
+    out_file = os.path.join(args.out, "eval", f"step{step:04d}.json") if rank == 0 else None
+    return sample.evaluate(policy, ref, reward_model, tokenizer, records, args.max_new_tokens, args.micro_batch_size,
+                           world, out_file, f"lora-rlhf-{args.estimator}-step{step}")
 
 
 def console_line(step, steps, stats):
@@ -218,19 +176,6 @@ def eval_line(stats):
 
 
 # ----------------------------------------------------------------------------- the run's set-up, in order
-
-def init_ranks(args, devices, rank, world_size, local_world):
-    """Claim OUT (a bad --out, or another run writing there, ends here before any work), then join the ranks."""
-    if rank == 0 and (note := rundir.claim(args.out)):
-        print(note)
-    if devices[0].type == "cuda":
-        torch.cuda.set_device(devices[0])
-    elif local_world > 1:  # CPU ranks on one machine share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world_size > 1:  # generous timeout: rank 0 may build the small world while the others wait at a barrier
-        dist.init_process_group("nccl" if devices[0].type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=60))
-
 
 def use_world(args, rank, log):
     """args pointing at the built-in small world's files, and the world (its annotator judges evaluations).
@@ -292,29 +237,6 @@ def load_models(args, devices, log):
     return policy, value, ref, reward_model
 
 
-def start_or_resume(args, rank, log, policy, value, optimizer, scheduler, generator):
-    """(step, prompt position, beta) to start from: OUT/checkpoint's with --resume (every flag but those in
-    MAY_CHANGE_ON_RESUME must match it), else 0 with an earlier run's files in OUT moved aside, never overwritten."""
-    if args.resume:
-        state = rundir.resume(args.out, rank, dataclasses.asdict(args), MAY_CHANGE_ON_RESUME, policy, value,
-                              optimizer, scheduler, generator)
-        log(f"resumed from {args.out}/checkpoint at step {state['step']}")
-        return state["step"], state["pos"], state["kl_coef"]
-    if rank == 0 and (moved := rundir.move_earlier_run(args.out)):
-        log(f"moved the earlier run in {args.out} to {moved} (`--out {moved} --resume` would continue it)")
-    return 0, 0, args.kl_coef
-
-
-def stop(e, good, args, rank, policy, value, optimizer, scheduler, generator):
-    """After a NaN or a signal: back to the last finished step, save it, and say where it is."""
-    rundir.restore(good, policy, value, optimizer, scheduler, generator)
-    rundir.save_checkpoint(good, dataclasses.asdict(args), args.out, rank, policy)
-    where = f"the checkpoint of step {good['step']} is in {args.out}/checkpoint (--resume continues from it)"
-    if isinstance(e, FloatingPointError):
-        raise FloatingPointError(f"{e}; stopped at PPO step {good['step'] + 1}, {where}") from None
-    raise rundir.Interrupted(f"interrupted ({e}): {where}") from None
-
-
 def finish(args, rank, params, policy, metrics_file, log):
     """The trainable weights' checksum (runs that agree print the same), the final adapter, and the ranks parted."""
     print(f"trainable checksum {sum(p.double().sum().item() for p in params):.12e} (rank {rank})", flush=True)
@@ -340,7 +262,7 @@ def main(argv=None):
     if args.dry_run:
         return plan.print_plan(args, devices)
     log, dev = print if rank == 0 else (lambda *a, **k: None), devices[0]
-    init_ranks(args, devices, rank, world_size, local_world)
+    rundir.init_ranks(args.out, devices, rank, world_size, local_world)
 
     # 2. data: the built-in small world, or real checkpoints and prompts
     args, world = use_world(args, rank, log) if world else (args, None)
@@ -357,15 +279,16 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args))
     cfg = dataclasses.replace(args, step_batch_size=args.step_batch_size // world_size)  # per rank
     generator = torch.Generator(dev).manual_seed(1000 * args.seed + rank)
-    sync = (lambda: sync_grads(params, world_size)) if world_size > 1 else None
+    sync = (lambda: rundir.sync_grads(params, world_size)) if world_size > 1 else None
 
     # 5. resume, or start without touching an earlier run's files; the SFT policy's evaluation is step 0
-    step, pos, kl_coef = start_or_resume(args, rank, log, policy, value, optimizer, scheduler, generator)
+    step, pos, kl_coef = rundir.start(dataclasses.asdict(args), rank, MAY_CHANGE_ON_RESUME, log, policy, value,
+                                      optimizer, scheduler, generator)
     metrics_file = os.path.join(args.out, "metrics.jsonl")
     log(f"PPO: {args.steps} steps x {args.rollout_batch_size} rollouts, step batch {args.step_batch_size}, "
         f"micro-batch {args.micro_batch_size}, estimator {args.estimator}, beta {kl_coef}")
     if eval_records and step == 0:  # the baseline of every curve
-        stats = evaluate(0, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank, world)
+        stats = evaluate(0, policy, ref, reward_model, tokenizer, eval_records, args, rank, world)
         rundir.append_metrics(metrics_file, {"step": 0, **stats}, rank)
         log("step   0 (the SFT policy)\n" + eval_line(stats))
 
@@ -385,13 +308,12 @@ def main(argv=None):
             stats.update(ppo.ppo_update(policy, value, optimizer, scheduler, batch, cfg, sync))  # 4. Eq. 2, 5.
             t3 = time.time()
             step, pos = step + 1, pos + args.rollout_batch_size
-            stats = mean_over_ranks({**stats, "time_rollout": t2 - t0, "time_generate": t1 - t0, "time_score": t2 - t1,
-                                     "time_train": t3 - t2, "tokens_per_s": batch["mask"].sum().item() * world_size
-                                     / (t3 - t0)}, world_size, dev)
+            stats.update(time_rollout=t2 - t0, time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
+                         tokens_per_s=batch["mask"].sum().item() * world_size / (t3 - t0))
+            stats = rundir.mean_over_ranks(stats, world_size, dev)
             kl_coef = ppo.update_kl_coef(kl_coef, stats["penalty_seq"], cfg)
             if eval_records and (step % args.eval_every == 0 or step == args.steps):
-                stats.update(evaluate(step, policy, ref, reward_model, tokenizer, eval_records, args, dev, rank,
-                                      world))
+                stats.update(evaluate(step, policy, ref, reward_model, tokenizer, eval_records, args, rank, world))
             rundir.append_metrics(metrics_file, {"step": step, **stats}, rank)
             log(console_line(step, args.steps, stats))
             good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
@@ -400,7 +322,7 @@ def main(argv=None):
             if world_size > 1 and rundir.interrupted(dev):  # several ranks stop together, here
                 raise rundir.Interrupted("signal")
     except (FloatingPointError, rundir.Interrupted) as e:
-        stop(e, good, args, rank, policy, value, optimizer, scheduler, generator)
+        rundir.stop(e, good, dataclasses.asdict(args), rank, policy, value, optimizer, scheduler, generator)
 
     # 7. the final adapter
     finish(args, rank, params, policy, metrics_file, log)
