@@ -164,7 +164,7 @@ def train_sft(model, tok, records, steps, batch_size, lr, seed, log=print, every
 
 
 # -----------------------------------------------------------------------------
-# sampling and evaluation
+# sampling
 
 def sample(model, tok, records, temperature=0.0, max_new_tokens=96, batch_size=64, generator=None, log=None,
            every=30.0):
@@ -187,21 +187,6 @@ def sample(model, tok, records, temperature=0.0, max_new_tokens=96, batch_size=6
             last = time.time()
             log(f"    sampled {start + len(rows)}/{len(records)} prompts ({last - t0:.0f} s)")
     return texts, ids
-
-
-def evaluate(policy, tokenizer, eval_records, max_new_tokens=96, batch_size=64):
-    """Greedy responses on held-out prompts -> gold win rate against the reference outputs (ties 1/2) with its
-    standard error, task accuracy and response length in tokens (EOS included). (train.evaluate judges a PPO
-    policy: the same greedy responses, plus the reward model's score and the exact KL to the reference.)"""
-    was_training = policy.training
-    policy.eval()
-    responses, ids = sample(policy, tokenizer, eval_records, 0.0, max_new_tokens, batch_size)
-    policy.train(was_training)
-    stats = {}
-    stats["win_rate"], stats["win_rate_se"] = win_rate(eval_records, responses, [r["output"] for r in eval_records])
-    stats["accuracy"], stats["accuracy_se"] = mean_se([float(check(r, y)) for r, y in zip(eval_records, responses)])
-    stats["length"] = sum(len(y) for y in ids) / len(ids)
-    return stats
 
 
 # -----------------------------------------------------------------------------
@@ -257,7 +242,13 @@ def build_sft(d, cfg, seed, log):
     checkpoints.save_llama(policy, tmp)
     shutil.copy(path(d, "tokenizer"), os.path.join(tmp, "tokenizer.model"))
     publish(tmp, path(d, "policy"))
-    info = {"parameters": n_params, **evaluate(policy, tok, read_json(path(d, "eval")), cfg.max_new_tokens)}
+    # the SFT policy's greedy responses to the held-out prompts, judged by the gold annotator
+    ev = read_json(path(d, "eval"))
+    responses, ids = sample(policy, tok, ev, 0.0, cfg.max_new_tokens)
+    info = {"parameters": n_params}
+    info["win_rate"], info["win_rate_se"] = win_rate(ev, responses, [r["output"] for r in ev])
+    info["accuracy"], info["accuracy_se"] = mean_se([float(check(r, y)) for r, y in zip(ev, responses)])
+    info["length"] = sum(len(y) for y in ids) / len(ids)  # tokens, EOS included
     return info, (f"SFT: {n_params / 1e6:.2f}M parameters; held-out accuracy {info['accuracy']:.2f}, win rate vs "
                   f"reference {info['win_rate']:.3f} ± {info['win_rate_se']:.3f}, {info['length']:.1f} tokens")
 

@@ -229,9 +229,9 @@ def test_bootstrap_writes_loadable_files_and_says_what_it_does(built):
     assert len(pairs) == TINY.n_pref and all(p["preference"] in (1, 2) for p in pairs)
     info = world.read_world(paths["info"])
     assert info["config"] == {"seed": 0, **world.asdict(TINY)} and set(info) == {"config"} | {s for s, _ in world.STAGES}
-    stats = world.evaluate(policy, tok, ev, max_new_tokens=8)
-    assert set(stats) == {"win_rate", "win_rate_se", "accuracy", "accuracy_se", "length"}
-    assert 1 <= stats["length"] <= 8
+    sft = info["sft"]  # the SFT policy's greedy responses, judged by the gold annotator
+    assert set(sft) == {"parameters", "win_rate", "win_rate_se", "accuracy", "accuracy_se", "length"}
+    assert 1 <= sft["length"] <= TINY.max_new_tokens and sft["parameters"] == sum(p.numel() for p in policy.parameters())
     assert sorted(os.listdir(os.path.dirname(out))) == ["seed0"], "a temporary build directory was left"
     assert not [f for f in files(out) if f.startswith(".done") or f == "spec.json"], "build markers left"
 
