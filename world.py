@@ -17,7 +17,6 @@ Each stage writes its files atomically and then a marker, in a temporary sibling
 into place at the end: a killed build is resumed from its last finished stage by the next call.
 
     python world.py --out .world/seed0 --seed 0     # builds once (minutes on 2 CPU cores); then a no-op
-    python -m pytest tests/test_world.py
 """
 import os
 
@@ -89,8 +88,7 @@ def write_json(path, obj):
     checkpoints.write_json(path, obj, indent=1)
 
 
-# -----------------------------------------------------------------------------
-# stage 2: the tokenizer
+# ----------------------------------------------------------------------------- stage 2: the tokenizer
 
 def train_tokenizer(texts, path, vocab_size=512):
     """A LLaMA-style sentencepiece BPE model (byte fallback, digits split, ids unk 0 / bos 1 / eos 2 / pad 3).
@@ -119,8 +117,7 @@ def encode_pair(tok, record, response=None):
     return prompt, tok.encode(record["output"] if response is None else response, bos=False, eos=True)
 
 
-# -----------------------------------------------------------------------------
-# stage 3: supervised fine-tuning
+# ----------------------------------------------------------------------------- stage 3: supervised fine-tuning
 
 def lr_at(step, steps, lr, warmup):
     # linear warm-up, then cosine decay to 10% of lr
@@ -163,8 +160,7 @@ def train_sft(model, tok, records, steps, batch_size, lr, seed, log=print, every
     return model
 
 
-# -----------------------------------------------------------------------------
-# sampling
+# ----------------------------------------------------------------------------- sampling
 
 def sample(model, tok, records, temperature=0.0, max_new_tokens=96, batch_size=64, generator=None, log=None,
            every=30.0):
@@ -177,9 +173,8 @@ def sample(model, tok, records, temperature=0.0, max_new_tokens=96, batch_size=6
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         tokens, mask = llama.left_pad([encode_pair(tok, records[i], "")[0] for i in rows], tok.pad_id)  # (B, P)
-        out, out_mask = llama.generate(model, tokens.to(device), mask.to(device), max_new_tokens,
-                                          temperature=temperature, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                          generator=generator)  # (B, N)
+        out, out_mask = llama.generate(model, tokens.to(device), mask.to(device), max_new_tokens, temperature,
+                                       eos_id=tok.eos_id, pad_id=tok.pad_id, generator=generator)  # (B, N)
         for i, row, m in zip(rows, out.tolist(), out_mask.tolist()):
             ids[i] = [t for t, keep in zip(row, m) if keep]
             texts[i] = tok.decode([t for t in ids[i] if t != tok.eos_id])
@@ -307,8 +302,7 @@ STAGES = [("splits", build_splits), ("tokenizer", build_tokenizer), ("sft", buil
           ("reward", build_reward)]
 
 
-# -----------------------------------------------------------------------------
-# bootstrap: the stages above, built once into a directory, resumable
+# ----------------------------------------------------------------------------- bootstrap: the stages, built once
 
 def read_world(file):
     """The world's description (world.json); a damaged file is one ValueError naming it."""
