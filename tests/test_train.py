@@ -501,3 +501,43 @@ def test_bad_files_one_line(setup, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {path}") and fragment in err[0], err
     assert not (tmp_path / "ran").exists()
+
+
+def test_evaluate_against_each_prompt_alone_in_float64(setup, tmp_path):
+    """sample.evaluate (train.py's evaluation) against an independent computation: each prompt's greedy
+    response generated alone (no padding), the exact KL(pi || pi_ref) of the response summed over the vocabulary
+    in float64 from a plain forward of the whole sequence, the reward head on its last hidden state, and the
+    length. A batched evaluation that mixed up padding, positions or rows would differ."""
+    import sample
+    tok = llama.Tokenizer(str(setup / "policy" / "tokenizer.model"))
+    policy = checkpoints.load_llama(str(setup / "policy"))
+    lora.add_lora(policy, rank=4, alpha=8.0, dropout=0.0)
+    torch.manual_seed(3)
+    for _, _, m in lora.lora_layers(policy):  # B != 0: the policy is away from its reference
+        torch.nn.init.normal_(m.lora_B, std=0.3)
+    rm = checkpoints.load_reward_model(str(setup / "reward"))
+    records = json.load(open(setup / "prompts.json"))[:5]
+    out_file = tmp_path / "eval" / "step0001.json"
+    stats = sample.evaluate(policy, None, rm, tok, records, max_new_tokens=6, batch_size=3, out_file=str(out_file),
+                            generator_name="g")
+    kl, score, length, texts = [], [], [], []
+    with torch.no_grad():
+        for r in records:
+            x = torch.tensor([tok.encode(llama.alpaca_prompt(r["instruction"], r["input"]))])  # (1, P)
+            y, m = llama.generate(policy, x, torch.ones_like(x), 6, temperature=0, eos_id=tok.eos_id)
+            y = y[:, :int(m.sum())]  # (1, n)
+            full, P = torch.cat([x, y], 1), x.shape[1]
+            logp = policy(full).double().log_softmax(-1)[0, P - 1:-1]  # (n, V): the states before each y_t
+            with lora.lora_disabled(policy):
+                logq = policy(full).double().log_softmax(-1)[0, P - 1:-1]
+            kl.append((logp.exp() * (logp - logq)).sum().item())
+            score.append(rm.reward_head(rm.backbone.hidden(full)[0, -1]).item())
+            length.append(y.shape[1])
+            texts.append(tok.decode(y[0].tolist()).strip())
+    assert min(kl) > 1e-3, "the LoRA update moves the policy"
+    assert stats["eval_true_kl"] == pytest.approx(sum(kl) / len(kl), rel=1e-4)
+    assert stats["eval_score"] == pytest.approx(sum(score) / len(score), rel=1e-4, abs=1e-6)
+    assert stats["eval_length"] == sum(length) / len(length)
+    assert set(stats) == {"eval_true_kl", "eval_score", "eval_length"}  # no world: no annotator
+    assert json.load(open(out_file)) == [{"instruction": r["instruction"], "input": r["input"], "output": t,
+                                          "generator": "g"} for r, t in zip(records, texts)]
