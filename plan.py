@@ -19,7 +19,7 @@ from reward import RewardModel, ValueModel
 # ----------------------------------------------------------------------------- placement
 
 def check_batches(args, world_size):
-    """Prompts per rank; the batch sizes must nest: rollout = k x step batch, step batch = ranks x micro-batches."""
+    """Prompts per rank; the batch sizes must nest: rollout = k x step batch, step batch = ranks x micro-batches x k."""
     for what, n, d in (("--rollout-batch-size", args.rollout_batch_size, world_size),
                        ("--rollout-batch-size", args.rollout_batch_size, args.step_batch_size),
                        ("--step-batch-size", args.step_batch_size, world_size),
@@ -43,19 +43,22 @@ def pick_devices(spec, local_rank, local_world):
         devs = ["cpu"]
     if not 1 <= len(devs) <= 2:
         raise ValueError(f"--devices {spec!r}: give one or two devices")
+    parsed = []
     for d in devs:
         try:
-            dev = torch.device(d)
+            parsed.append(torch.device(d))
         except RuntimeError:
             raise ValueError(f"--devices: {d!r} is not a device name") from None
-        if dev.type not in ("cpu", "cuda"):
+        if parsed[-1].type not in ("cpu", "cuda"):
             raise ValueError(f"--devices: {d} is not supported (cpu or cuda:N)")
-        if dev.type == "cuda" and (dev.index or 0) >= n_cuda:
-            raise ValueError(f"--devices: {d} does not exist on this machine ({n_cuda} CUDA devices)")
-    if spec is not None and local_rank > 0:  # the pair named is rank 0's; rank r takes the next free pair
-        devs = [f"cuda:{int(d.split(':')[1]) + local_rank * len(set(devs))}" if d.startswith("cuda:") else d
-                for d in devs]
-    return [torch.device(d) for d in devs]
+    if spec is not None and local_rank > 0:  # the GPUs named are rank 0's; rank r takes the next free ones
+        shift = local_rank * len({d.index or 0 for d in parsed if d.type == "cuda"})
+        parsed = [torch.device("cuda", (d.index or 0) + shift) if d.type == "cuda" else d for d in parsed]
+    for d in parsed:
+        if d.type == "cuda" and (d.index or 0) >= n_cuda:
+            raise ValueError(f"--devices: {d} does not exist on this machine ({n_cuda} CUDA devices)"
+                             + (f"; it is local rank {local_rank}'s share of --devices {spec}" if local_rank else ""))
+    return parsed
 
 
 # ----------------------------------------------------------------------------- memory
@@ -115,7 +118,7 @@ def build(args):
 
 def training_device_peak(args, checkpointing, w=2):
     """The planned peak bytes of the training device (either placement) at args.micro_batch_size: what
-    train.py compares with the device's memory to decide on activation checkpointing."""
+    use_checkpointing (below) compares with the device's memory to decide on activation checkpointing."""
     pcfg, rcfg, policy, value, _ = build(args)
     frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
     trainable = sum(lora.count_parameters(m)[0] for m in (policy, value))

@@ -4,8 +4,9 @@ keeps a user's files safe) and its ranks. train.py calls each of these as one li
 the algorithm.
 
     OUT/metrics.jsonl    one JSON line per step
-    OUT/checkpoint/      state.pt (trainable tensors, optimizer, scheduler, step, data position, flags),
+    OUT/checkpoint/      state.pt (trainable tensors, optimizer, scheduler, step, data position, beta, flags),
                          rng-rankN.pt per rank, policy_adapter/ (PEFT layout, usable on its own)
+    OUT/adapter/, eval/  the final policy adapter; the evaluations' responses (AlpacaEval JSON)
     OUT/previous-N/      an earlier run's files, moved aside by a new run instead of overwritten
     OUT/.lock            the PID of the run writing to OUT; a second run on the same OUT is refused
 
@@ -76,7 +77,7 @@ _signalled = []
 
 def stop_on_signals():
     """For the process's entry point. SIGINT / SIGTERM: with one rank, raise Interrupted at once (the loop
-    then saves the last finished step, which takes seconds even at 7B, well within torchrun's 30 s grace);
+    then saves the last finished step, within torchrun's 30 s grace);
     with several ranks, only note it, and the ranks stop together at the end of the step (interrupted()). A
     worker started by torchrun asks the kernel for SIGTERM when its launcher dies (Linux's PR_SET_PDEATHSIG)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -102,10 +103,8 @@ def interrupted(device):
 
 # ----------------------------------------------------------------------------- the ranks
 
-def init_ranks(out, devices, rank, world_size, local_world):
-    """Claim OUT (a bad --out, or another run writing there, ends here before any work), then join the ranks."""
-    if rank == 0 and (note := claim(out)):
-        print(note)
+def init_ranks(devices, world_size, local_world):
+    """This rank's device (or its share of the CPU cores), then the process group of all ranks."""
     if devices[0].type == "cuda":
         torch.cuda.set_device(devices[0])
     elif local_world > 1:  # CPU ranks on one machine share its cores
@@ -171,10 +170,10 @@ def restore(state, policy, value, optimizer, scheduler, generator):
 
 # ----------------------------------------------------------------------------- the files
 
-def append_metrics(path, line, rank=0):
+def append_metrics(path, record, rank=0):
     if rank == 0:
         with open(path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+            f.write(json.dumps(record) + "\n")
 
 
 def truncate_metrics(path, step):
@@ -211,7 +210,8 @@ def move_earlier_run(out):
 
 def save_checkpoint(state, args, out, rank, policy):
     """Every rank writes into OUT/checkpoint.tmp; then renames publish it, so a crash leaves the old
-    checkpoint or the new one, never half of one (a crash between the renames leaves checkpoint.old)."""
+    checkpoint or the new one, never half of one (a crash between the renames leaves checkpoint.old).
+    policy_adapter/ is written from `policy`, which must hold state's weights (snapshot or restore first)."""
     final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -121,9 +121,9 @@ def main(argv=None):
             merge_lora(model)
         print(f"adapter {args.adapter}: {count_parameters(model)[0]:,} LoRA parameters"
               f"{', merged into W' if args.merge else ''}", flush=True)
-    texts = [alpaca_prompt(r["instruction"], r["input"]) if args.template == "alpaca"
-             else "\n".join(s for s in (r["instruction"], r["input"]) if s) for r in records]
-    prompts = [tokenizer.encode(t) for t in texts]
+    prompt_texts = [alpaca_prompt(r["instruction"], r["input"]) if args.template == "alpaca"
+                    else "\n".join(s for s in (r["instruction"], r["input"]) if s) for r in records]
+    prompts = [tokenizer.encode(t) for t in prompt_texts]
     room = model.cfg.max_seq_len - max(len(p) for p in prompts)
     n_new = room if args.max_new_tokens is None else args.max_new_tokens
     if n_new < 1:

@@ -56,7 +56,7 @@ class Args(ppo.PPOConfig):
     lora_alpha: float = knob(64.0, "alpha in Eq. 1 (the LoRA update is scaled by alpha / k)")
     lora_dropout: float = knob(0.1, "dropout on the LoRA path")
     lr: float = knob(1e-5, "AdamW learning rate (betas 0.9, 0.999, eps 1e-5, no weight decay)")
-    warmup_steps: int = knob(5, "linear warm-up from lr/5 over these PPO steps, then linear decay to 0 at "
+    warmup_steps: int = knob(5, "linear warm-up from lr / warmup_steps over these PPO steps, then linear decay to 0 at "
                                 "--decay-steps")
     decay_steps: int | None = knob(780, "the step at which the decayed lr reaches 0: the paper's whole configured "
                                         "schedule, 10 epochs x ~20k prompts / 256, of which it ran 100 (None: --steps)")
@@ -100,17 +100,17 @@ def parse_args(argv=None):
         else:
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=kind.__name__.upper())
     given = vars(p.parse_args(argv))
-    world = not any(k in given for k in ("policy", "reward", "prompts", "preset"))
-    args = dataclasses.replace(WORLD if world else Args(), **given)
-    check_args(args, world)
-    return args, world
+    small_world = not any(k in given for k in ("policy", "reward", "prompts", "preset"))
+    args = dataclasses.replace(WORLD if small_world else Args(), **given)
+    check_args(args, small_world)
+    return args, small_world
 
 
-def check_args(args, world):
+def check_args(args, small_world):
     """Every flag in range, or one line naming it."""
-    if not world and not args.preset and not (args.policy and args.reward and args.prompts):
+    if not small_world and not args.preset and not (args.policy and args.reward and args.prompts):
         raise ValueError("give --policy, --reward and --prompts together, or none of them for the small world")
-    if args.dry_run and world:
+    if args.dry_run and small_world:
         raise ValueError("--dry-run needs --preset NAME (e.g. llama-7b) or --policy/--reward/--prompts")
     if args.preset and not args.dry_run:
         raise ValueError("--preset only plans memory (--dry-run); training needs --policy/--reward/--prompts")
@@ -138,8 +138,9 @@ def check_args(args, world):
 # ----------------------------------------------------------------------------- the loop's helpers
 
 def lr_schedule(args):
-    # linear warm-up from lr/5 (the first step is not wasted), then linear decay to 0 at --decay-steps (the paper's
-    # fork decays over its whole configured schedule: at step 100 of 780 the rate is still 0.88 lr), or at --steps
+    # linear warm-up from lr / warmup_steps (the first step is not wasted), then linear decay to 0 at --decay-steps
+    # (the paper's fork decays over its whole configured schedule: at step 100 of 780 the rate is still 0.88 lr), or
+    # at --steps
     end = args.decay_steps or args.steps
     return lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (end - s) / max(1, end - args.warmup_steps)))
 
@@ -150,8 +151,9 @@ def batch_prompts(prompts, pos, n, seed):
     return [prompts[order(i // len(prompts))[i % len(prompts)]] for i in range(pos, pos + n)]
 
 
-def evaluate(step, policy, ref, reward_model, tokenizer, records, args, rank, world):
-    # sample.evaluate on the held-out prompts; rank 0 writes the responses to OUT/eval/stepNNNN.json
+def evaluate_step(step, policy, ref, reward_model, tokenizer, records, args, rank, world):
+    # sample.evaluate on all the held-out prompts (every rank computes the same); rank 0 writes the responses to
+    # OUT/eval/stepNNNN.json
     out_file = os.path.join(args.out, "eval", f"step{step:04d}.json") if rank == 0 else None
     return sample.evaluate(policy, ref, reward_model, tokenizer, records, args.max_new_tokens, args.micro_batch_size,
                            world, out_file, f"lora-rlhf-{args.estimator}-step{step}")
@@ -175,7 +177,7 @@ def eval_line(stats):
             f"{stats['eval_length']:.1f}" + win)
 
 
-# ----------------------------------------------------------------------------- the run's set-up, in order
+# ----------------------------------------------------------------------------- set-up and finish, in main's order
 
 def use_world(args, rank, log):
     """args pointing at the built-in small world's files, and the world (its annotator judges evaluations).
@@ -200,13 +202,23 @@ def read_data(args, log):
         f"than {args.max_prompt_tokens} tokens)")
     if not kept:
         raise ValueError(f"{args.prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
-    return tokenizer, kept, checkpoints.read_prompts(args.eval_prompts) if args.eval_prompts else None
+    if not args.eval_prompts:
+        return tokenizer, kept, None
+    evals = checkpoints.read_prompts(args.eval_prompts)
+    fits = [r for r in evals if len(tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"])))
+            <= args.max_prompt_tokens]
+    if len(fits) < len(evals):  # the same rule, said aloud: an evaluation set is usually compared whole
+        log(f"eval prompts: {len(fits)} of {len(evals)} from {args.eval_prompts} (dropped {len(evals) - len(fits)} "
+            f"longer than {args.max_prompt_tokens} tokens)")
+    if not fits:
+        raise ValueError(f"{args.eval_prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
+    return tokenizer, kept, fits
 
 
 def load_models(args, devices, log):
-    """(policy, value, reference, reward model): policy + value train on devices[0] (LoRA on both); reference +
-    reward model frozen on devices[-1]; bf16 on GPU. With one device the reference is None (the policy with its
-    adapters off) and the reward model is the value model's backbone with its adapters off."""
+    """(policy, value, reference, reward model, trainable parameters): policy + value train on devices[0] (LoRA on
+    both); reference + reward model frozen on devices[-1]; bf16 on GPU. With one device the reference is None
+    (the policy with its adapters off) and the reward model is the value model's backbone with its adapters off."""
     dev, dtype = devices[0], torch.bfloat16 if devices[0].type == "cuda" else torch.float32
     lora_kw = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lora_dtype=torch.float32)
     frozen = lambda m: m.requires_grad_(False).eval()
@@ -234,7 +246,7 @@ def load_models(args, devices, log):
         f"policy parameters")
     for p in params if dist.is_initialized() else ():  # every rank starts from identical trainable weights
         dist.broadcast(p.data, 0)
-    return policy, value, ref, reward_model
+    return policy, value, ref, reward_model, params
 
 
 def finish(args, rank, params, policy, metrics_file, log):
@@ -251,10 +263,12 @@ def finish(args, rank, params, policy, metrics_file, log):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    """The run, top to bottom, in seven numbered sections, as CleanRL's ppo.py; set-up and bookkeeping (resume,
-    checkpoints, signals) are called from it, so that the PPO loop reads on one screen."""
-    # 1. config: flags, ranks, devices
-    args, world = parse_args(argv)
+    """The run, top to bottom, in eight numbered sections, as CleanRL's ppo.py; set-up and bookkeeping (resume,
+    checkpoints, the stop after a NaN or a signal) are called from it, so that the PPO loop reads on one screen."""
+    # 1. config: the flags (Args)
+    args, small_world = parse_args(argv)
+
+    # 2. ranks and devices; OUT is claimed before any work (a bad --out, or another run writing there, ends here)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     per_rank = plan.check_batches(args, world_size)
@@ -262,37 +276,39 @@ def main(argv=None):
     if args.dry_run:
         return plan.print_plan(args, devices)
     log, dev = print if rank == 0 else (lambda *a, **k: None), devices[0]
-    rundir.init_ranks(args.out, devices, rank, world_size, local_world)
+    if rank == 0 and (note := rundir.claim(args.out)):
+        log(note)
+    rundir.init_ranks(devices, world_size, local_world)
 
-    # 2. data: the built-in small world, or real checkpoints and prompts
-    args, world = use_world(args, rank, log) if world else (args, None)
+    # 3. data: the built-in small world, or real checkpoints and prompts
+    args, world = use_world(args, rank, log) if small_world else (args, None)
     tokenizer, prompts, eval_records = read_data(args, log)
 
-    # 3. models: policy, value (LoRA), reference, reward model
+    # 4. models: policy, value (LoRA), reference, reward model
     torch.manual_seed(args.seed)  # identical LoRA A init on every rank
-    policy, value, ref, reward_model = load_models(args, devices, log)
-    torch.manual_seed(args.seed + rank)  # LoRA dropout and sampling differ per rank
-    params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
+    policy, value, ref, reward_model, params = load_models(args, devices, log)
+    torch.manual_seed(args.seed + rank)  # LoRA dropout and the update's shuffles differ per rank
+    generator = torch.Generator(dev).manual_seed(1000 * args.seed + rank)  # sampling, per rank
 
-    # 4. optimizer: AdamW, warm-up then linear decay (lr_schedule)
+    # 5. optimizer: AdamW, warm-up then linear decay (lr_schedule); gradients averaged over the ranks
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args))
     cfg = dataclasses.replace(args, step_batch_size=args.step_batch_size // world_size)  # per rank
-    generator = torch.Generator(dev).manual_seed(1000 * args.seed + rank)
     sync = (lambda: rundir.sync_grads(params, world_size)) if world_size > 1 else None
 
-    # 5. resume, or start without touching an earlier run's files; the SFT policy's evaluation is step 0
-    step, pos, kl_coef = rundir.start(dataclasses.asdict(args), rank, MAY_CHANGE_ON_RESUME, log, policy, value,
-                                      optimizer, scheduler, generator)
+    # 6. resume, or start without overwriting an earlier run's files; the SFT policy's evaluation is step 0
+    flags = dataclasses.asdict(args)
+    step, pos, kl_coef = rundir.start(flags, rank, MAY_CHANGE_ON_RESUME, log, policy, value, optimizer, scheduler,
+                                      generator)
     metrics_file = os.path.join(args.out, "metrics.jsonl")
     log(f"PPO: {args.steps} steps x {args.rollout_batch_size} rollouts, step batch {args.step_batch_size}, "
         f"micro-batch {args.micro_batch_size}, estimator {args.estimator}, beta {kl_coef}")
     if eval_records and step == 0:  # the baseline of every curve
-        stats = evaluate(0, policy, ref, reward_model, tokenizer, eval_records, args, rank, world)
+        stats = evaluate_step(0, policy, ref, reward_model, tokenizer, eval_records, args, rank, world)
         rundir.append_metrics(metrics_file, {"step": 0, **stats}, rank)
         log("step   0 (the SFT policy)\n" + eval_line(stats))
 
-    # 6. the PPO loop; a NaN, Ctrl-C or SIGTERM stops it with the last finished step saved
+    # 7. the PPO loop (ppo.py's steps 1-5); a NaN, Ctrl-C or SIGTERM stops it with the last finished step saved
     good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)  # last finished step
     try:
         while step < args.steps:
@@ -300,12 +316,12 @@ def main(argv=None):
             batch_p = batch_prompts(prompts, pos + rank * per_rank, per_rank, args.seed)  # this rank's share
             tokens, mask = (x.to(dev) for x in llama.left_pad(batch_p, tokenizer.pad_id))
             responses, rmask = ppo.generate_responses(policy, tokens, mask, cfg, tokenizer.eos_id,
-                                                      tokenizer.pad_id, generator)          # 1a. sample
+                                                      tokenizer.pad_id, generator)          # 1a. sample y ~ pi
             t1 = time.time()
             batch, stats = ppo.score_rollout(policy, value, reward_model, tokens, mask, responses, rmask, cfg,
-                                             kl_coef, tokenizer.eos_id, ref_model=ref)  # 1b-d, 2. Eq. 3, 3. GAE
+                                             kl_coef, tokenizer.eos_id, ref_model=ref)  # 1b-d score, 2-3. Eq. 3, GAE
             t2 = time.time()
-            stats.update(ppo.ppo_update(policy, value, optimizer, scheduler, batch, cfg, sync))  # 4. Eq. 2, 5.
+            stats.update(ppo.ppo_update(policy, value, optimizer, scheduler, batch, cfg, sync))  # 4-5. Eq. 2, optimize
             t3 = time.time()
             step, pos = step + 1, pos + args.rollout_batch_size
             stats.update(time_rollout=t2 - t0, time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
@@ -313,23 +329,24 @@ def main(argv=None):
             stats = rundir.mean_over_ranks(stats, world_size, dev)
             kl_coef = ppo.update_kl_coef(kl_coef, stats["penalty_seq"], cfg)
             if eval_records and (step % args.eval_every == 0 or step == args.steps):
-                stats.update(evaluate(step, policy, ref, reward_model, tokenizer, eval_records, args, rank, world))
+                stats.update(evaluate_step(step, policy, ref, reward_model, tokenizer, eval_records, args, rank, world))
             rundir.append_metrics(metrics_file, {"step": step, **stats}, rank)
             log(console_line(step, args.steps, stats))
             good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
             if step % args.save_every == 0 or step == args.steps:
-                rundir.save_checkpoint(good, dataclasses.asdict(args), args.out, rank, policy)
+                rundir.save_checkpoint(good, flags, args.out, rank, policy)
             if world_size > 1 and rundir.interrupted(dev):  # several ranks stop together, here
                 raise rundir.Interrupted("signal")
     except (FloatingPointError, rundir.Interrupted) as e:
-        rundir.stop(e, good, dataclasses.asdict(args), rank, policy, value, optimizer, scheduler, generator)
+        rundir.stop(e, good, flags, rank, policy, value, optimizer, scheduler, generator)
 
-    # 7. the final adapter
+    # 8. the final adapter
     finish(args, rank, params, policy, metrics_file, log)
 
 
 def cli(argv=None):
-    """main(), with bad input and the known failures ending in one line on stderr and exit status 1."""
+    """main(), with bad input and the known failures ending in one line on stderr and exit status 1 (130 after
+    Ctrl-C or SIGTERM)."""
     try:
         main(argv)
     except rundir.Interrupted as e:

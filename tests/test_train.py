@@ -1,4 +1,5 @@
 """train.py: two-rank torchrun on CPU (gloo), exact resume, --dry-run for LLaMA-7B, and bad input."""
+import dataclasses
 import json
 import os
 import re
@@ -541,3 +542,38 @@ def test_evaluate_against_each_prompt_alone_in_float64(setup, tmp_path):
     assert set(stats) == {"eval_true_kl", "eval_score", "eval_length"}  # no world: no annotator
     assert json.load(open(out_file)) == [{"instruction": r["instruction"], "input": r["input"], "output": t,
                                           "generator": "g"} for r, t in zip(records, texts)]
+
+
+def test_each_local_rank_takes_the_next_free_devices(monkeypatch):
+    """--devices names rank 0's GPUs; local rank r takes the r-th next set (CPU entries stay), and a GPU that a
+    rank's share would need but the machine lacks is one line naming the rank."""
+    import plan
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    names = lambda spec, r: [str(d) for d in plan.pick_devices(spec, r, 2)]
+    assert names("cuda:0,cuda:1", 0) == ["cuda:0", "cuda:1"] and names("cuda:0,cuda:1", 1) == ["cuda:2", "cuda:3"]
+    assert names("cuda:1,cpu", 1) == ["cuda:2", "cpu"] and names("cpu", 1) == ["cpu"]
+    assert names(None, 1) == ["cuda:2", "cuda:3"]  # default: two GPUs per rank when there are enough
+    with pytest.raises(ValueError, match=r"cuda:4 does not exist .* local rank 1's share of --devices cuda:2,cuda:3"):
+        plan.pick_devices("cuda:2,cuda:3", 1, 2)
+
+
+def test_long_evaluation_prompts_are_dropped_aloud(setup, tmp_path):
+    """Held-out prompts follow the PPO prompts' rule (longer than --max-prompt-tokens: dropped), and the run
+    says how many; with none left it ends in one line naming the file."""
+    import train
+    tok = llama.Tokenizer(str(setup / "policy" / "tokenizer.model"))
+    size = lambda r: len(tok.encode(llama.alpaca_prompt(r["instruction"], r["input"])))
+    limit = max(size(r) for r in json.load(open(setup / "prompts.json")))  # every PPO prompt fits
+    records = [{"instruction": "sort the words", "input": ""}, {"instruction": "red blue " * 60, "input": "cat"}]
+    assert size(records[0]) <= limit < size(records[1])
+    (tmp_path / "eval.json").write_text(json.dumps(records))
+    (tmp_path / "long.json").write_text(json.dumps(records[1:]))
+    args = train.Args(policy=str(setup / "policy"), prompts=str(setup / "prompts.json"),
+                      eval_prompts=str(tmp_path / "eval.json"), max_prompt_tokens=limit)
+    lines = []
+    _, _, kept = train.read_data(args, lines.append)
+    assert kept == records[:1]
+    assert lines[-1] == f"eval prompts: 1 of 2 from {tmp_path / 'eval.json'} (dropped 1 longer than {limit} tokens)"
+    with pytest.raises(ValueError, match=r"long.json: no prompt fits in --max-prompt-tokens"):
+        train.read_data(dataclasses.replace(args, eval_prompts=str(tmp_path / "long.json")), lines.append)
