@@ -297,6 +297,7 @@ def curve(ms, key, scale=1.0, transform=None):
 
 
 def plot(out, runs, kl_coef):
+    """Figures 1-4 as PNG files in OUT. Long because it is four lists of matplotlib calls, one after another."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed
