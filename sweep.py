@@ -297,7 +297,7 @@ def curve(ms, key, scale=1.0, transform=None):
 
 
 def plot(out, runs, kl_coef):
-    """Figures 1-4 as PNG files in OUT. Long because it is four lists of matplotlib calls, one after another."""
+    """Figures 1-4 as PNG files in OUT (figure 4 in plot_beta); three lists of matplotlib calls in a row."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed
@@ -357,26 +357,31 @@ def plot(out, runs, kl_coef):
     left.legend(fontsize=8)
     files.append(save(fig, out, "figure3_overoptimization.png"))
 
-    kl_specs = kl_sweep(runs, kl_coef)
-    if len(kl_specs) >= 2:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for i, spec in enumerate(kl_specs):
-            ms, beta = runs[spec], parse_config(spec, kl_coef)[1]
-            steps, mean, se = curve(ms, "eval_win_rate", 100)
-            color = plt.cm.viridis(i / max(1, len(kl_specs) - 1))
-            left.plot(steps, mean, color=color, label=f"β = {beta:g}")
-            left.fill_between(steps, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
-                              color=color, alpha=0.15)
-            _, kl, _ = curve(ms, "eval_true_kl")
-            right.plot(kl, mean, marker="o", ms=3, color=color, label=f"β = {beta:g}")
-        left.set(xlabel="PPO step", ylabel="gold win rate (%)", title=f"KL penalty at each β ({seeds})")
-        right.set(xlabel="true KL to the reference (nats/response)", ylabel="gold win rate (%)",
-                  title="Gold win rate against KL, along each run")
-        left.legend(fontsize=8)
-        files.append(save(fig, out, "figure4_beta.png"))
+    if len(kl_sweep(runs, kl_coef)) >= 2:
+        files.append(plot_beta(plt, out, runs, kl_coef, seeds))
     plt.close("all")
     print("wrote " + ", ".join(files))
     return files
+
+
+def plot_beta(plt, out, runs, kl_coef, seeds):
+    """Figure 4: the KL penalty at every beta run, win rate over steps and against the true KL."""
+    kl_specs = kl_sweep(runs, kl_coef)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, spec in enumerate(kl_specs):
+        ms, beta = runs[spec], parse_config(spec, kl_coef)[1]
+        steps, mean, se = curve(ms, "eval_win_rate", 100)
+        color = plt.cm.viridis(i / max(1, len(kl_specs) - 1))
+        left.plot(steps, mean, color=color, label=f"β = {beta:g}")
+        left.fill_between(steps, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
+                          color=color, alpha=0.15)
+        _, kl, _ = curve(ms, "eval_true_kl")
+        right.plot(kl, mean, marker="o", ms=3, color=color, label=f"β = {beta:g}")
+    left.set(xlabel="PPO step", ylabel="gold win rate (%)", title=f"KL penalty at each β ({seeds})")
+    right.set(xlabel="true KL to the reference (nats/response)", ylabel="gold win rate (%)",
+              title="Gold win rate against KL, along each run")
+    left.legend(fontsize=8)
+    return save(fig, out, "figure4_beta.png")
 
 
 def save(fig, out, name):
