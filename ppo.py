@@ -23,39 +23,51 @@ import lora
 from divergences import masked_mean
 
 
-def knob(default, help):
-    """A config field with its one-line doc (shown by train.py --help)."""
-    return field(default=default, metadata={"help": help})
+def knob(default, help, valid=None):
+    """A config field with its one-line doc (shown by train.py --help) and the values it may take, valid =
+    (test, what they are): train.py ends a run given any other value with one line naming the flag."""
+    return field(default=default, metadata={"help": help, "valid": valid})
+
+
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 @dataclass
 class PPOConfig:
     """The PPO knobs, with the paper's defaults; train.py's Args adds the run's own to these."""
     # Eq. 3: per-token reward r_t = -kl_coef * D_t, plus the reward-model score at the last token
-    kl_coef: float = knob(0.02, "beta in Eq. 3 (0 = no regularization)")
+    kl_coef: float = knob(0.02, "beta in Eq. 3 (0 = no regularization)",
+                          (NON_NEGATIVE[0], "a finite number >= 0 (--estimator negative_kl rewards divergence)"))
     estimator: str = knob("kl", "the divergence penalty D in Eq. 3: " + ", ".join(divergences.ESTIMATORS))
     adaptive_kl: bool = knob(False, "AlpacaFarm's adaptive beta controller (off in the paper)")
-    kl_target: float = knob(6.0, "target of the per-sequence penalty sum (adaptive controller only)")
-    k_beta: float = knob(0.1, "controller gain: beta *= 1 + k_beta * clip(KL / target - 1, -0.2, 0.2)")
-    no_eos_penalty: float | None = knob(None, "score given to responses that never emit EOS (e.g. -1; off)")
+    kl_target: float = knob(6.0, "target of the per-sequence penalty sum (adaptive controller only)", POSITIVE)
+    k_beta: float = knob(0.1, "controller gain: beta *= 1 + k_beta * clip(KL / target - 1, -0.2, 0.2)",
+                         NON_NEGATIVE)
+    no_eos_penalty: float | None = knob(None, "score given to responses that never emit EOS (e.g. -1; off)",
+                                        (lambda v: v is None or math.isfinite(v), "a finite number"))
     whiten_rewards: bool = knob(True, "scale shaped rewards by their std, keeping the mean (as the reference)")
     # GAE (Schulman et al. 2016)
-    gamma: float = knob(1.0, "discount")
-    lam: float = knob(0.95, "GAE lambda (upstream AlpacaFarm: 1.0)")
+    gamma: float = knob(1.0, "discount", UNIT)
+    lam: float = knob(0.95, "GAE lambda (upstream AlpacaFarm: 1.0)", UNIT)
     # Eq. 2 and the value loss
-    cliprange: float = knob(0.2, "epsilon of the clipped ratio in Eq. 2")
-    cliprange_value: float = knob(0.2, "clip range of the value loss")
-    vf_coef: float = knob(0.1, "weight of the value loss")
+    cliprange: float = knob(0.2, "epsilon of the clipped ratio in Eq. 2", POSITIVE)
+    cliprange_value: float = knob(0.2, "clip range of the value loss", POSITIVE)
+    vf_coef: float = knob(0.1, "weight of the value loss", NON_NEGATIVE)
     # optimization phase
-    ppo_epochs: int = knob(2, "passes over each rollout")
-    step_batch_size: int = knob(128, "samples per optimizer step")
-    micro_batch_size: int = knob(16, "samples per forward/backward (gradients are accumulated to the step batch)")
-    max_grad_norm: float = knob(1.0, "gradient-norm clip, joint over policy + value")
+    ppo_epochs: int = knob(2, "passes over each rollout", AT_LEAST_1)
+    step_batch_size: int = knob(128, "samples per optimizer step", AT_LEAST_1)
+    micro_batch_size: int = knob(16, "samples per forward/backward (gradients accumulate to the step batch)",
+                                 AT_LEAST_1)
+    max_grad_norm: float = knob(1.0, "gradient-norm clip, joint over policy + value", POSITIVE)
     # rollout generation
-    max_new_tokens: int = knob(300, "response length limit")
-    temperature: float = knob(1.0, "sampling temperature of rollouts")
-    top_p: float = knob(1.0, "nucleus sampling mass of rollouts")
-    generate_batch_size: int = knob(64, "prompts per generate call (decoding is memory-light)")
+    max_new_tokens: int = knob(300, "response length limit", AT_LEAST_1)
+    temperature: float = knob(1.0, "sampling temperature of rollouts", (NON_NEGATIVE[0], "a finite number >= 0 "
+                                                                                         "(0 = greedy)"))
+    top_p: float = knob(1.0, "nucleus sampling mass of rollouts", (lambda v: 0 < v <= 1, "in (0, 1]"))
+    generate_batch_size: int = knob(64, "prompts per generate call (decoding is memory-light)", AT_LEAST_1)
     cuda_graph: bool = knob(True, "on a CUDA device, replay each decoding step of the rollouts as a CUDA graph")
 
 

@@ -7,12 +7,10 @@ The paper's experiment in one flat script: PPO with LoRA on LLaMA (Sun, Gupta & 
     python train.py --preset llama-7b --dry-run          # the memory plan, nothing allocated
     torchrun train.py --estimator js --out out/js --resume   # continue from out/js/checkpoint
 
-Placement (paper Sec. 1): with two devices the policy and the value model train on the first, the frozen
-reference and reward model sit on the second (bf16 on GPU). With one device the reference is the policy
-with its adapters off and the reward model is the value model's backbone with its adapters off: two base
-copies instead of four. `torchrun --nproc_per_node=N` runs N data-parallel ranks; each rolls out its share
-of the batch and the trainable gradients (LoRA + value head) are all-reduced. Outputs: OUT/metrics.jsonl
-(one JSON line per step), OUT/checkpoint (for --resume), OUT/adapter (the final policy adapter, PEFT layout).
+Placement (paper Sec. 1) is in load_models: two devices as the paper, or one holding two base copies instead
+of four. `torchrun --nproc_per_node=N` runs N data-parallel ranks; each rolls out its share of the batch and
+the trainable gradients (LoRA + value head) are all-reduced. Outputs: OUT/metrics.jsonl (a line per step),
+OUT/checkpoint (for --resume), OUT/adapter (the final policy adapter, PEFT layout), OUT/eval (responses).
 """
 import os
 
@@ -22,7 +20,6 @@ os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 import typing
@@ -38,7 +35,7 @@ import plan
 import ppo
 import rundir
 import sample
-from ppo import knob
+from ppo import AT_LEAST_1, POSITIVE, knob
 from reward import ValueModel
 
 
@@ -51,19 +48,19 @@ class Args(ppo.PPOConfig):
     prompts: str | None = knob(None, "PPO prompts: a JSON list or JSONL of {instruction, input} records")
     eval_prompts: str | None = knob(None, "held-out prompts; greedy outputs are written as AlpacaEval JSON")
     tokenizer: str | None = knob(None, "tokenizer.model (default: the one in --policy)")
-    max_prompt_tokens: int = knob(192, "longer prompts are dropped, as in the reference")
-    lora_rank: int = knob(8, "k in Eq. 1, for the policy and the value model")
-    lora_alpha: float = knob(64.0, "alpha in Eq. 1 (the LoRA update is scaled by alpha / k)")
-    lora_dropout: float = knob(0.1, "dropout on the LoRA path")
-    lr: float = knob(1e-5, "AdamW learning rate (betas 0.9, 0.999, eps 1e-5, no weight decay)")
+    max_prompt_tokens: int = knob(192, "longer prompts are dropped, as in the reference", AT_LEAST_1)
+    lora_rank: int = knob(8, "k in Eq. 1, for the policy and the value model", AT_LEAST_1)
+    lora_alpha: float = knob(64.0, "alpha in Eq. 1 (the LoRA update is scaled by alpha / k)", POSITIVE)
+    lora_dropout: float = knob(0.1, "dropout on the LoRA path", (lambda v: 0 <= v < 1, "in [0, 1)"))
+    lr: float = knob(1e-5, "AdamW learning rate (betas 0.9, 0.999, eps 1e-5, no weight decay)", POSITIVE)
     warmup_steps: int = knob(5, "linear warm-up from lr / warmup_steps over these PPO steps, then linear decay to 0 at "
-                                "--decay-steps")
+                                "--decay-steps", (lambda v: v >= 0, "at least 0"))
     decay_steps: int | None = knob(780, "the step at which the decayed lr reaches 0: the paper's whole configured "
                                         "schedule, 10 epochs x ~20k prompts / 256, of which it ran 100 (None: --steps)")
-    steps: int = knob(100, "PPO steps")
-    rollout_batch_size: int = knob(256, "prompts rolled out per PPO step, over all ranks")
-    eval_every: int = knob(20, "evaluate on --eval-prompts every this many steps")
-    save_every: int = knob(10, "write OUT/checkpoint every this many steps")
+    steps: int = knob(100, "PPO steps", AT_LEAST_1)
+    rollout_batch_size: int = knob(256, "prompts rolled out per PPO step, over all ranks", AT_LEAST_1)
+    eval_every: int = knob(20, "evaluate on --eval-prompts every this many steps", AT_LEAST_1)
+    save_every: int = knob(10, "write OUT/checkpoint every this many steps", AT_LEAST_1)
     devices: str | None = knob(None, "policy device[,frozen-models device], e.g. cuda:0,cuda:1 (default: GPUs, "
                                      "else cpu)")
     out: str = knob("out/run", "output directory")
@@ -115,24 +112,13 @@ def check_args(args, small_world):
     if args.preset and not args.dry_run:
         raise ValueError("--preset only plans memory (--dry-run); training needs --policy/--reward/--prompts")
     divergences.get_estimator(args.estimator)  # unknown names: one line listing the valid ones
-    finite = lambda v: v is None or math.isfinite(v)
-    rules = [("kl_coef", lambda v: finite(v) and v >= 0, "a finite number >= 0 (--estimator negative_kl "
-                                                         "rewards divergence)"),
-             ("lora_alpha", lambda v: finite(v) and v > 0, "a finite number > 0"),
-             ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-             ("lr", lambda v: finite(v) and v > 0, "a finite number > 0"),
-             ("temperature", lambda v: finite(v) and v >= 0, "a finite number >= 0 (0 = greedy)"),
-             ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-             ("no_eos_penalty", finite, "a finite number"),
-             ("warmup_steps", lambda v: v >= 0, "at least 0")]
-    rules += [(k, lambda v: v >= 1, "at least 1") for k in
-              ("lora_rank", "steps", "ppo_epochs", "max_new_tokens", "max_prompt_tokens", "eval_every",
-               "save_every", "rollout_batch_size", "step_batch_size", "micro_batch_size", "generate_batch_size")]
-    rules += [("decay_steps", lambda v: v is None or v >= args.steps, f"at least --steps {args.steps} (the lr is 0 "
-                                                                       f"from --decay-steps on)")]
-    for name, ok, what in rules:
-        if not ok(getattr(args, name)):
-            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    for f in dataclasses.fields(args):  # each knob's own range (ppo.knob)
+        test, what = f.metadata["valid"] or (lambda v: True, "")
+        if not test(getattr(args, f.name)):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be {what}, got {getattr(args, f.name)}")
+    if args.decay_steps is not None and args.decay_steps < args.steps:
+        raise ValueError(f"--decay-steps must be at least --steps {args.steps} (the lr is 0 from --decay-steps on), "
+                         f"got {args.decay_steps}")
 
 
 # ----------------------------------------------------------------------------- the loop's helpers
@@ -159,22 +145,20 @@ def evaluate_step(step, policy, ref, reward_model, tokenizer, records, args, ran
                            world, out_file, f"lora-rlhf-{args.estimator}-step{step}")
 
 
-def console_line(step, steps, stats):
-    # score: the reward model's; penalty: mean D_t per token; true KL: exact, per response; len: tokens incl.
-    # EOS; loss: policy + vf_coef x value loss; tok/s: response tokens sampled and trained per second (the
-    # step's seconds are in OUT/metrics.jsonl)
-    line = (f"step {step:3d}/{steps} | score {stats['score']:+.3f} | penalty {stats['penalty']:+.4f} | "
-            f"true KL {stats['true_kl']:.2f} | len {stats['response_length']:.1f} | loss {stats['loss']:+.3f} | "
-            f"{stats['tokens_per_s']:.0f} tok/s")
-    return line + ("\n" + eval_line(stats) if "eval_score" in stats else "")
-
-
-def eval_line(stats):
-    # the greedy responses to the held-out prompts (and, in the small world, the gold annotator's verdicts)
-    win = (f" | win rate {stats['eval_win_rate']:.3f} +- {stats['eval_win_rate_se']:.3f} | accuracy "
-           f"{stats['eval_accuracy']:.3f}" if "eval_win_rate" in stats else "")
-    return (f"   eval | score {stats['eval_score']:+.3f} | true KL {stats['eval_true_kl']:.2f} | len "
-            f"{stats['eval_length']:.1f}" + win)
+def console_lines(step, steps, s):
+    # step: score: the reward model's; penalty: mean D_t per token; true KL: exact, per response; len: tokens incl.
+    # EOS; loss: policy + vf_coef x value loss; tok/s: response tokens sampled and trained per second (the step's
+    # seconds are in OUT/metrics.jsonl). eval: greedy responses to the held-out prompts (and the small world's
+    # gold annotator's verdicts); step 0 is the SFT policy
+    lines = [f"step {step:3d}/{steps} | score {s['score']:+.3f} | penalty {s['penalty']:+.4f} | true KL "
+             f"{s['true_kl']:.2f} | len {s['response_length']:.1f} | loss {s['loss']:+.3f} | {s['tokens_per_s']:.0f} "
+             f"tok/s" if step else "step   0 (the SFT policy)"]
+    if "eval_score" in s:
+        win = (f" | win rate {s['eval_win_rate']:.3f} +- {s['eval_win_rate_se']:.3f} | accuracy "
+               f"{s['eval_accuracy']:.3f}" if "eval_win_rate" in s else "")
+        lines.append(f"   eval | score {s['eval_score']:+.3f} | true KL {s['eval_true_kl']:.2f} | len "
+                     f"{s['eval_length']:.1f}" + win)
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- set-up and finish, in main's order
@@ -306,7 +290,7 @@ def main(argv=None):
     if eval_records and step == 0:  # the baseline of every curve
         stats = evaluate_step(0, policy, ref, reward_model, tokenizer, eval_records, args, rank, world)
         rundir.append_metrics(metrics_file, {"step": 0, **stats}, rank)
-        log("step   0 (the SFT policy)\n" + eval_line(stats))
+        log(console_lines(0, args.steps, stats))
 
     # 7. the PPO loop (ppo.py's steps 1-5); a NaN, Ctrl-C or SIGTERM stops it with the last finished step saved
     good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)  # last finished step
@@ -331,7 +315,7 @@ def main(argv=None):
             if eval_records and (step % args.eval_every == 0 or step == args.steps):
                 stats.update(evaluate_step(step, policy, ref, reward_model, tokenizer, eval_records, args, rank, world))
             rundir.append_metrics(metrics_file, {"step": step, **stats}, rank)
-            log(console_line(step, args.steps, stats))
+            log(console_lines(step, args.steps, stats))
             good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
             if step % args.save_every == 0 or step == args.steps:
                 rundir.save_checkpoint(good, flags, args.out, rank, policy)
