@@ -341,12 +341,12 @@ def refuse_unused(path, unused, what="the model"):
         raise ValueError(f"{path}: checkpoint has tensors {what} does not use: {', '.join(unused[:5])}")
 
 
-def load_weights(model, path, prefix=""):
+def load_weights(model, path, prefix="", extra=None):
     """Fill a Llama from a Hugging Face or Meta checkpoint in `path`, converting names and the rotary order.
-    Hugging Face names have `prefix` stripped first. Returns the checkpoint keys the model did not use
-    (derived rotary tables are dropped silently)."""
+    Hugging Face names have `prefix` stripped first; extra: more parameters to fill, by checkpoint key (a reward
+    head), in the same pass. Returns the checkpoint keys nothing used (derived rotary tables dropped silently)."""
     meta_layout = not os.path.exists(os.path.join(path, "config.json"))
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **(extra or {})}
     cfg, filled, unused = model.cfg, set(), []
     for key, tensor in iter_tensors(path, {n: p.shape for n, p in params.items()} if meta_layout else None):
         if key.endswith(DERIVED):
@@ -358,7 +358,8 @@ def load_weights(model, path, prefix=""):
             elif key.endswith(".attention.wk.weight"):
                 tensor = meta_to_hf_rotary(tensor, cfg.n_kv_heads or cfg.n_heads)
         else:
-            name = hf_to_meta_name(key[len(prefix):]) if key.startswith(prefix) else None
+            name = key if key in (extra or {}) else hf_to_meta_name(key[len(prefix):]) if key.startswith(prefix) \
+                else None
         if name not in params:
             unused.append(key)
             continue
@@ -375,7 +376,8 @@ def load_weights(model, path, prefix=""):
         filled.add("output.weight")
     missing = [n for n in params if n not in filled]
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the config needs, e.g. {', '.join(missing[:3])}")
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} of the tensors the config needs, e.g. "
+                         f"{', '.join(missing[:3])}")
     return unused
 
 
@@ -554,17 +556,8 @@ def load_reward_model(path, device="cpu", dtype=torch.float32, backbone_path=Non
                 f"(the SFT model the reward model was trained from)")
         cfg = read_config(backbone_path)
     model = empty_model(RewardModel, cfg, device, dtype)
-    unused = load_weights(model.backbone, path, prefix=RM_PREFIX)
-    head = {k: t for k, t in iter_tensors(path) if k.startswith("reward_head.")} if unused else {}
-    for name in ("weight", "bias"):
-        key, param = f"reward_head.{name}", getattr(model.reward_head, name)
-        if key not in head:
-            raise ValueError(f"{path}: checkpoint lacks {key}")
-        if tuple(head[key].shape) != tuple(param.shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(head[key].shape)}, expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(head[key])
-    refuse_unused(path, [k for k in unused if not k.startswith("reward_head.")], "a reward model")
+    head = {f"reward_head.{n}": p for n, p in model.reward_head.named_parameters()}
+    refuse_unused(path, load_weights(model.backbone, path, RM_PREFIX, head), "a reward model")
     model.score_eos = c.get("score_eos", False)
     return model
 
