@@ -56,8 +56,9 @@ def pick_devices(spec, local_rank, local_world):
         parsed = [torch.device("cuda", (d.index or 0) + shift) if d.type == "cuda" else d for d in parsed]
     for d in parsed:
         if d.type == "cuda" and (d.index or 0) >= n_cuda:
-            raise ValueError(f"--devices: {d} does not exist on this machine ({n_cuda} CUDA devices)"
-                             + (f"; it is local rank {local_rank}'s share of --devices {spec}" if local_rank else ""))
+            why = (f"; it is local rank {local_rank}'s share of --devices {spec}" if spec and local_rank else
+                   f"; by default each of the {local_world} local ranks takes its own GPU" if local_rank else "")
+            raise ValueError(f"--devices: {d} does not exist on this machine ({n_cuda} CUDA devices){why}")
     return parsed
 
 

@@ -176,8 +176,8 @@ def use_world(args, rank, log):
 
 
 def read_data(args, log):
-    """The tokenizer, the PPO prompts as token lists (in the Alpaca template; longer ones dropped, as the
-    reference does) and the held-out evaluation records (or None)."""
+    """The tokenizer, the PPO prompts as token lists (in the Alpaca template; longer than --max-prompt-tokens
+    dropped, as the reference does) and the held-out evaluation records (or None)."""
     tokenizer = llama.Tokenizer(args.tokenizer or os.path.join(args.policy, "tokenizer.model"))
     prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))
                for r in checkpoints.read_prompts(args.prompts)]
@@ -188,14 +188,15 @@ def read_data(args, log):
         raise ValueError(f"{args.prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
     if not args.eval_prompts:
         return tokenizer, kept, None
+    # held out: every prompt is kept (an evaluation set is compared whole) unless it cannot be answered at all
     evals = checkpoints.read_prompts(args.eval_prompts)
-    fits = [r for r in evals if len(tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"])))
-            <= args.max_prompt_tokens]
-    if len(fits) < len(evals):  # the same rule, said aloud: an evaluation set is usually compared whole
+    room = checkpoints.read_config(args.policy).max_seq_len - args.max_new_tokens
+    fits = [r for r in evals if len(tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))) <= room]
+    if len(fits) < len(evals):
         log(f"eval prompts: {len(fits)} of {len(evals)} from {args.eval_prompts} (dropped {len(evals) - len(fits)} "
-            f"longer than {args.max_prompt_tokens} tokens)")
+            f"longer than {room} tokens, which leave no room for --max-new-tokens {args.max_new_tokens})")
     if not fits:
-        raise ValueError(f"{args.eval_prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
+        raise ValueError(f"{args.eval_prompts}: no prompt leaves room for --max-new-tokens {args.max_new_tokens}")
     return tokenizer, kept, fits
 
 

@@ -561,22 +561,26 @@ def test_each_local_rank_takes_the_next_free_devices(monkeypatch):
         plan.pick_devices("cuda:2,cuda:3", 1, 2)
 
 
-def test_long_evaluation_prompts_are_dropped_aloud(setup, tmp_path):
-    """Held-out prompts follow the PPO prompts' rule (longer than --max-prompt-tokens: dropped), and the run
-    says how many; with none left it ends in one line naming the file."""
+def test_evaluation_prompts_are_kept_whole_unless_they_cannot_be_answered(setup, tmp_path):
+    """Held-out prompts are all kept, longer than --max-prompt-tokens or not, except one that leaves no room in the
+    policy's context for --max-new-tokens (generate would fail on it); the run says how many it dropped, and with
+    none left it ends in one line naming the file."""
     import train
     tok = llama.Tokenizer(str(setup / "policy" / "tokenizer.model"))
     size = lambda r: len(tok.encode(llama.alpaca_prompt(r["instruction"], r["input"])))
     limit = max(size(r) for r in json.load(open(setup / "prompts.json")))  # every PPO prompt fits
-    records = [{"instruction": "sort the words", "input": ""}, {"instruction": "red blue " * 60, "input": "cat"}]
-    assert size(records[0]) <= limit < size(records[1])
+    records = [{"instruction": "sort the words", "input": ""}, {"instruction": "red blue " * 30, "input": "cat"},
+               {"instruction": "red blue " * 90, "input": "dog"}]
+    new = CFG.max_seq_len - size(records[1])  # the second fills the context exactly, the third overflows it
+    assert size(records[0]) <= limit < size(records[1]) < size(records[2]) and new >= 1
     (tmp_path / "eval.json").write_text(json.dumps(records))
-    (tmp_path / "long.json").write_text(json.dumps(records[1:]))
+    (tmp_path / "long.json").write_text(json.dumps(records[2:]))
     args = train.Args(policy=str(setup / "policy"), prompts=str(setup / "prompts.json"),
-                      eval_prompts=str(tmp_path / "eval.json"), max_prompt_tokens=limit)
+                      eval_prompts=str(tmp_path / "eval.json"), max_prompt_tokens=limit, max_new_tokens=new)
     lines = []
     _, _, kept = train.read_data(args, lines.append)
-    assert kept == records[:1]
-    assert lines[-1] == f"eval prompts: 1 of 2 from {tmp_path / 'eval.json'} (dropped 1 longer than {limit} tokens)"
-    with pytest.raises(ValueError, match=r"long.json: no prompt fits in --max-prompt-tokens"):
+    assert kept == records[:2]
+    assert lines[-1] == (f"eval prompts: 2 of 3 from {tmp_path / 'eval.json'} (dropped 1 longer than "
+                         f"{size(records[1])} tokens, which leave no room for --max-new-tokens {new})")
+    with pytest.raises(ValueError, match=r"long.json: no prompt leaves room for --max-new-tokens"):
         train.read_data(dataclasses.replace(args, eval_prompts=str(tmp_path / "long.json")), lines.append)
