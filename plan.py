@@ -51,8 +51,9 @@ def pick_devices(spec, local_rank, local_world):
             raise ValueError(f"--devices: {d!r} is not a device name") from None
         if parsed[-1].type not in ("cpu", "cuda"):
             raise ValueError(f"--devices: {d} is not supported (cpu or cuda:N)")
-    if spec is not None and local_rank > 0:  # the GPUs named are rank 0's; rank r takes the next free ones
-        shift = local_rank * len({d.index or 0 for d in parsed if d.type == "cuda"})
+    gpus = [d.index or 0 for d in parsed if d.type == "cuda"]
+    if spec is not None and local_rank > 0 and gpus:  # the GPUs named are rank 0's; rank r takes the next span
+        shift = local_rank * (max(gpus) - min(gpus) + 1)
         parsed = [torch.device("cuda", (d.index or 0) + shift) if d.type == "cuda" else d for d in parsed]
     for d in parsed:
         if d.type == "cuda" and (d.index or 0) >= n_cuda:

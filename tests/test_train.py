@@ -559,6 +559,8 @@ def test_each_local_rank_takes_the_next_free_devices(monkeypatch):
     assert names(None, 1) == ["cuda:2", "cuda:3"]  # default: two GPUs per rank when there are enough
     with pytest.raises(ValueError, match=r"cuda:4 does not exist .* local rank 1's share of --devices cuda:2,cuda:3"):
         plan.pick_devices("cuda:2,cuda:3", 1, 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 6)
+    assert names("cuda:0,cuda:2", 1) == ["cuda:3", "cuda:5"]  # the next span, not overlapping rank 0's cuda:2
 
 
 def test_evaluation_prompts_are_kept_whole_unless_they_cannot_be_answered(setup, tmp_path):
