@@ -34,6 +34,8 @@ Run it on an otherwise idle machine (the header and footer print the load averag
 keeps a core busy, every multi-threaded op waits for a descheduled thread, and small ops (LoRA's rank-8
 matmuls, elementwise ops) then cost as much as large ones.
 """
+import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
+
 import argparse
 import os
 import platform

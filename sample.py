@@ -13,6 +13,8 @@ With --template alpaca (the default) each prompt is wrapped in the Alpaca templa
 trained on. --temperature 0 is greedy decoding, as the paper's evaluation. --adapter loads a PEFT LoRA
 adapter (ours or one trained with PEFT on the same base); --merge folds it into W first (faster decoding).
 """
+import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
+
 import argparse
 import math
 import os

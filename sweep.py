@@ -21,6 +21,8 @@ resumed, so an interrupted sweep continues where it stopped. Then it writes
     DIR/figure1_win_rate.png, figure2_kl_length.png, figure3_overoptimization.png, figure4_beta.png
 The plots need matplotlib (optional: `pip install matplotlib`); without it only the tables are written.
 """
+import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
+
 import argparse
 import json
 import math

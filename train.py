@@ -12,14 +12,11 @@ of four. `torchrun --nproc_per_node=N` runs N data-parallel ranks; each rolls ou
 the trainable gradients (LoRA + value head) are all-reduced. Outputs: OUT/metrics.jsonl (a line per step),
 OUT/checkpoint (for --resume), OUT/adapter (the final policy adapter, PEFT layout), OUT/eval (responses).
 """
-import os
-
-# Torch picks its vectorized CPU kernels by the processor (AVX2 or AVX-512), which round differently, enough for a
-# run to end elsewhere; AVX2 (every x86-64 CPU since 2013) makes CPU runs agree unless ATEN_CPU_CAPABILITY is set.
-os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import typing

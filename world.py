@@ -18,15 +18,11 @@ into place at the end: a killed build is resumed from its last finished stage by
 
     python world.py --out .world/seed0 --seed 0     # builds once (minutes on 2 CPU cores); then a no-op
 """
-import os
-
-# Torch picks its vectorized CPU kernels by the processor (AVX2 or AVX-512), and the two round differently,
-# enough for a training run to end elsewhere. Pinning AVX2 (every x86-64 CPU since 2013) makes a CPU run
-# independent of whether the machine has AVX-512; set ATEN_CPU_CAPABILITY yourself to choose otherwise.
-os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
 
 import argparse
 import math
+import os
 import random
 import re
 import shutil

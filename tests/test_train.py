@@ -89,7 +89,8 @@ def assert_same_run(a, b):
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(setup, uninterrupted, tmp_path):
     part = tmp_path / "part"
-    # the same run, killed (SIGKILL) as soon as its first checkpoint is published, then resumed
+    # the same run, killed (SIGKILL) as soon as its first checkpoint is published, then resumed; the killed run
+    # uses torch's default thread count, the others one thread: pinned, the digits depend on neither
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *base_args(setup, part, "--steps", "4")],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = part / "checkpoint" / "state.pt"
