@@ -94,7 +94,7 @@ def train_reward_model(model, train_pairs, eval_pairs, epochs=1, lr=1e-5, batch_
     """Fit a RewardModel on preference pairs with the Bradley-Terry loss; returns held-out accuracy.
 
     train_pairs / eval_pairs: lists of (chosen, rejected), each a list of token ids of prompt + response
-    (tokenized by the caller, e.g. world.py). The model stays on its device. Every parameter with
+    (tokenized by the caller, e.g. world/build.py). The model stays on its device. Every parameter with
     requires_grad is trained: pass the model as is for a full fine-tune, or call
     lora.add_lora(model.backbone, ...) first for LoRA (the reward head stays trainable). AdamW, no weight
     decay, constant lr. log: optional callable receiving one line per epoch.

@@ -28,12 +28,11 @@ import checkpoints
 import divergences
 import llama
 import lora
-import plan
 import ppo
-import rundir
 import sample
 from ppo import AT_LEAST_1, POSITIVE, knob
 from reward import ValueModel
+from support import plan, rundir
 
 
 @dataclasses.dataclass
@@ -163,7 +162,7 @@ def console_lines(step, steps, s):
 def use_world(args, rank, log):
     """args pointing at the built-in small world's files, and the world (its annotator judges evaluations).
     Rank 0 builds it once; the others wait, then read the finished directory."""
-    import world
+    from world import build as world
     world_dir = os.path.join(args.world_dir, f"seed{args.world_seed}")
     paths = world.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
     rundir.barrier()

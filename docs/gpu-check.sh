@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU measurements of issue 15 in one run (docs/gpu-check.md): about 7 minutes on one H100/H200 when
-# the targets hold, at most 9.5 (each step has its own timeout; bench.py prints each row as it is measured).
+# the targets hold, at most 9.5 (each step has its own timeout; tools/bench.py prints each row as it is measured).
 # Everything lands in $OUT (or ./gpu-check).
 out=${OUT:-gpu-check}
 mkdir -p "$out"
@@ -12,7 +12,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its output, say how it en
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$out/$name.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-B="python bench.py --ppo --preset llama-7b --device cuda --prompt-len 192 --new-tokens 300"
+B="python -m tools.bench --ppo --preset llama-7b --device cuda --prompt-len 192 --new-tokens 300"
 
 # 1. the GPU tests: captured decoding = eager decoding, checkpointing, the bf16 paths, train.py on the device
 step tests 120 python -m pytest -q tests/test_gpu.py -rs

@@ -1,4 +1,4 @@
-"""bench.py: the FLOP count against PyTorch's own counter, and a tiny --ppo run on the CPU."""
+"""tools/bench.py: the FLOP count against PyTorch's own counter, and a tiny --ppo run on the CPU."""
 import math
 import os
 import subprocess
@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
+from tools import bench
 import llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ def test_model_flops_of_a_decoding_step_equal_the_counted_ones():
 
 
 def test_ppo_bench_runs_on_the_cpu():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--ppo", "--preset", "tiny",
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "--ppo", "--preset", "tiny",
                         "--rollout-batch", "8", "--step-batch", "4", "--prompt-len", "8", "--new-tokens", "6",
                         "--micro-batches", "2", "4", "--checkpointing", "off", "on", "--generate-batch", "4",
                         "--threads", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)

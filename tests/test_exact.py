@@ -11,7 +11,8 @@ import torch
 from support import exact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = ["train.py", "sample.py", "world.py", "sweep.py", "bench.py", "tests/conftest.py"]
+ENTRY_POINTS = ["train.py", "sample.py", "world/build.py", "world/judge.py", "tools/sweep.py", "tools/bench.py",
+                "tests/conftest.py"]
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
@@ -27,8 +28,8 @@ def test_every_entry_point_pins_the_kernels_before_torch(entry):
     # 2. importing it in a fresh process, with neither variable set, leaves both libraries pinned: torch's own
     # kernels report AVX2, MKL reports strict reproducibility on Intel processors (its default elsewhere)
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
-    module = entry[:-3].replace("/", ".")
-    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]; import {module.split('.')[-1]}\n"
+    module = entry[:-3].replace("/", ".").replace("tests.", "")
+    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]; import {module}\n"
             "import torch; torch.ones(8, 8) @ torch.ones(8, 8); print(torch.backends.cpu.get_cpu_capability())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env=dict(env, MKL_VERBOSE="1"))

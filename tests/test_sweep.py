@@ -1,4 +1,4 @@
-"""sweep.py without training: its statistics against a hand computation, configurations, resume decisions, the
+"""tools/sweep.py without training: its statistics against a hand computation, configurations, resume decisions, the
 parallel runner with a stand-in for train.py, and optional matplotlib."""
 import json
 import math
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import sweep
+from tools import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS, SEEDS, STEPS, EVAL_EVERY = ["js", "none", "kl", "kl@0.5", "js@0.5", "kl@0.1"], [0, 1, 2], 4, 2
@@ -204,5 +204,6 @@ def test_bad_input_is_one_line(tmp_path):
     for args, msg in ((["--report-only", "--out", str(tmp_path / "empty")], "no run of"),
                       (["--report-only", "--out", str(tmp_path), "--configs", "kl"], "metrics.jsonl: line 1 is not JSON"),
                       (["--configs", "none@0.1"], "no penalty")):
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *args], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-m", "tools.sweep", *args], capture_output=True, text=True,
+                           cwd=ROOT)
         assert p.returncode == 1 and msg in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr

@@ -286,7 +286,7 @@ def test_dry_run_activation_estimate_against_autograd():
     fails. With activation checkpointing a block keeps exactly its input (the
     checkpoint saves it through the same hooks; what the block saved inside is recomputed in backward)."""
     import lora
-    import plan
+    from support import plan
 
     def saved(n_layers, dtype, kv, checkpointing):
         cfg = llama.LlamaConfig(dim=256, n_layers=n_layers, n_heads=8, n_kv_heads=kv, vocab_size=256,
@@ -551,7 +551,7 @@ def test_evaluate_against_each_prompt_alone_in_float64(setup, tmp_path):
 def test_each_local_rank_takes_the_next_free_devices(monkeypatch):
     """--devices names rank 0's GPUs; local rank r takes the r-th next set (CPU entries stay), and a GPU that a
     rank's share would need but the machine lacks is one line naming the rank."""
-    import plan
+    from support import plan
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     names = lambda spec, r: [str(d) for d in plan.pick_devices(spec, r, 2)]

@@ -11,8 +11,8 @@ import pytest
 
 import checkpoints
 import llama
-import tasks
-import world
+from world import build as world
+from world import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,7 +249,7 @@ def test_bootstrap_is_idempotent_and_checks_settings(built):
 
 def test_two_processes_build_byte_identical_worlds(built, tmp_path):
     """Every file of a world built in another process equals this process's build, byte for byte."""
-    code = (f"import world; world.bootstrap({str(tmp_path / 'seed0')!r}, 0, world.{TINY!r}, log=None)")
+    code = (f"from world import build as world; world.bootstrap({str(tmp_path / 'seed0')!r}, 0, world.{TINY!r}, log=None)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = files(built[0]), files(str(tmp_path / "seed0"))
@@ -301,7 +301,7 @@ def test_damaged_world_is_one_line(tmp_path):
     (d / "world.json").write_text('{"config": {"seed": 0, ')  # cut off
     with pytest.raises(ValueError, match=f"{d / 'world.json'} is not a world description"):
         world.bootstrap(str(d), 0, None, log=None)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "world.py"), "--out", str(d)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "world.build", "--out", str(d)], capture_output=True,
                        text=True, cwd=ROOT)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "world.json is not a world description" in p.stderr
     (tmp_path / "junk").mkdir()

@@ -2,7 +2,7 @@
 The built-in small world: every ingredient of the paper's RLHF experiment, built on a CPU in minutes.
 
 AlpacaFarm (Dubois et al. 2023, arXiv 2305.14387) gives the paper an SFT policy, a reward model learned from
-simulated preferences, PPO prompts and simulated annotators. tasks.py writes the data (tasks with long,
+simulated preferences, PPO prompts and simulated annotators. world/tasks.py writes the data (tasks with long,
 checkable answers, an imperfect teacher, a gold annotator and a length-biased training annotator); this
 file builds the models from it, one stage at a time:
 
@@ -16,7 +16,7 @@ file builds the models from it, one stage at a time:
 Each stage writes its files atomically and then a marker, in a temporary sibling directory that is renamed
 into place at the end: a killed build is resumed from its last finished stage by the next call.
 
-    python world.py --out .world/seed0 --seed 0     # builds once (minutes on 2 CPU cores); then a no-op
+    python -m world.build --out .world/seed0 --seed 0   # builds once (minutes on 2 CPU cores); then a no-op
 """
 import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
 
@@ -38,7 +38,7 @@ import checkpoints
 import llama
 import reward
 from checkpoints import read_json
-from tasks import TASKS, check, label_pairs, make_splits, mean_se, paired_difference, prefer, win_rate
+from world.tasks import TASKS, check, label_pairs, make_splits, mean_se, prefer, win_rate
 
 
 @dataclass
@@ -354,7 +354,7 @@ def claim_build_dir(out, spec, log):
 def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
     """Build the world into directory `out` once; later calls check the settings and return the paths.
     cfg=None takes a world already built in `out` as it is (train.py does this, so a smaller world built with
-    `python world.py` works too), and builds WorldConfig()'s otherwise."""
+    `python -m world.build` works too), and builds WorldConfig()'s otherwise."""
     log = log or (lambda *a: None)
     say = lambda text: log(textwrap.fill(text, 100, subsequent_indent=" " * 8))  # within 100 columns
     paths = {k: os.path.join(out, v) for k, v in LAYOUT.items()}
@@ -397,39 +397,16 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
     return paths
 
 
-def judge(outputs_file, eval_file, baseline_file=None):
-    """The gold annotator's verdict on a file of outputs (AlpacaEval's JSON list, as train.py writes into
-    OUT/eval/) for the world's evaluation prompts, and optionally against another such file, paired by prompt."""
-    records = read_json(eval_file)
-    texts = []
-    for file in [outputs_file] + ([baseline_file] if baseline_file else []):
-        outs = read_json(file)
-        if [(o.get("instruction"), o.get("input") or "") for o in outs] != [(r["instruction"], r["input"]) for r in records]:
-            raise ValueError(f"{file} does not hold outputs for the prompts of {eval_file}, in their order")
-        texts.append([o["output"] for o in outs])
-    refs = [r["output"] for r in records]
-    win, se = win_rate(records, texts[0], refs)
-    print(f"{outputs_file}: gold win rate {100 * win:.1f}% ± {100 * se:.1f} against the reference outputs "
-          f"({len(records)} prompts)")
-    if baseline_file:
-        d, d_se = paired_difference(records, texts[0], texts[1], refs)
-        print(f"against {baseline_file}: {100 * d:+.1f} ± {100 * d_se:.1f} points, paired by prompt")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build the built-in small world (tokenizer, SFT model, reward model, "
-                                            "prompts), or judge outputs with its gold annotator.")
+                                            "prompts); `python -m world.judge` judges outputs with its gold annotator.")
     p.add_argument("--out", default=".world/seed0", help="directory to build into (a no-op when already built)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--judge", metavar="OUTPUTS", help="judge a train.py OUT/eval/stepNNNN.json instead of building")
-    p.add_argument("--against", metavar="BASELINE", help="with --judge: a second outputs file, paired by prompt")
     sizes = [f for f, v in asdict(WorldConfig()).items() if isinstance(v, (int, float))]
     for f in sizes:
         p.add_argument("--" + f.replace("_", "-"), type=type(getattr(WorldConfig, f)), default=getattr(WorldConfig, f))
     args = p.parse_args(argv)
     try:
-        if args.judge:
-            return judge(args.judge, os.path.join(args.out, LAYOUT["eval"]), args.against) or 0
         paths = bootstrap(args.out, args.seed, WorldConfig(**{f: getattr(args, f) for f in sizes}))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,9 +1,9 @@
 """
 The paper's Table 1 and Figures 1-3 in miniature: every regularizer, several PPO seeds, on the built-in small world.
 
-    python sweep.py                                   # every configuration below x seeds 0-4 -> runs/sweep
-    python sweep.py --configs js kl none --seeds 0 1 --steps 20 --out runs/small -- --rollout-batch-size 32
-    python sweep.py --report-only --out runs/sweep    # re-read the finished runs, rewrite tables and plots
+    python -m tools.sweep                                   # every configuration below x seeds 0-4 -> runs/sweep
+    python -m tools.sweep --configs js kl none --seeds 0 1 --steps 20 --out runs/small -- --rollout-batch-size 32
+    python -m tools.sweep --report-only --out runs/sweep    # re-read the finished runs, rewrite tables and plots
 
 A configuration is a row of the paper's Table 1 (`clamped_kl`, `kl`, `bregman`, `squared`, `js`, `none`,
 `dropout`), optionally with its own beta: `kl@0.1` is the KL penalty at beta = 0.1 (the others take --kl-coef,
@@ -32,9 +32,9 @@ import subprocess
 import sys
 import time
 
-from tasks import mean_se
+from world.tasks import mean_se
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (the paper's Table 1 row, its win rate there in %, train.py flags); beta is added for the estimators
 CONFIGS = {

@@ -1,5 +1,5 @@
 """
-The small world's data: checkable tasks, an imperfect teacher, and two simulated annotators (world.py trains
+The small world's data: checkable tasks, an imperfect teacher, and two simulated annotators (world/build.py trains
 the models on it).
 
 AlpacaFarm (Dubois et al. 2023, arXiv 2305.14387) gives the paper SFT demonstrations, preference prompts, PPO

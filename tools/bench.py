@@ -1,10 +1,10 @@
 """
 Benchmark (not a test): how fast llama.py generates and trains, on random weights of a preset.
 
-    python bench.py                      # CPU, fp32, preset "small" (~106M parameters), 256 new tokens
-    python bench.py --device cuda        # bf16 by default on a GPU
-    python bench.py --repeats 3 --threads 2 --budget 300
-    python bench.py --ppo --preset llama-7b --device cuda   # one PPO step at the paper's sizes, on one GPU
+    python -m tools.bench                      # CPU, fp32, preset "small" (~106M parameters), 256 new tokens
+    python -m tools.bench --device cuda        # bf16 by default on a GPU
+    python -m tools.bench --repeats 3 --threads 2 --budget 300
+    python -m tools.bench --ppo --preset llama-7b --device cuda   # one PPO step at the paper's sizes, on one GPU
 
 Measures, after a warm-up, the best wall time of --repeats runs (as timeit does: interference from other
 processes only ever adds time) of
@@ -28,7 +28,7 @@ the weights an earlier update left). First, and as the warm-up of every kernel: 
 --generate-batch sequences at the rollout's cache length, repeated. Per phase: seconds, tokens/s, model
 FLOP/s and the bytes of weights and KV cache the phase must read per second (model_flops and read_bytes
 below), as a share of the device's nominal limits where known (DEVICE_LIMITS), the device's peak memory
-and the plan's (plan.py) for the same phase.
+and the plan's (support/plan.py) for the same phase.
 Prints a markdown table. Random N(0, 0.02) weights: the speed does not depend on the values.
 Run it on an otherwise idle machine (the header and footer print the load average): when another process
 keeps a core busy, every multi-threaded op waits for a descheduled thread, and small ops (LoRA's rank-8
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import llama
-import plan
+from support import plan
 import ppo
 from llama import Llama, generate, get_preset
 from lora import add_lora, count_parameters
@@ -386,5 +386,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
+        print(f"tools/bench.py: error: {e}", file=sys.stderr)
         sys.exit(1)
