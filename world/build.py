@@ -70,6 +70,22 @@ class WorldConfig:
     rm_lr: float = 3e-4
     rm_holdout: float = 0.1  # fraction of the pairs held out for the reward model's accuracy
 
+    def check(self):
+        """One ValueError naming the first field (its --flag) outside its range: a world built from it would be
+        untrained (--sft-steps -5) or fail deep inside a stage (--n-sft 0)."""
+        at_least_1 = (lambda v: v >= 1, "at least 1")
+        prob = (lambda v: 0 <= v <= 1, "in [0, 1]")
+        ranges = {"p_hard": prob, "p_slip": prob, "ref_error": prob, "length_bias": prob, "noise": prob,
+                  "sft_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+                  "rm_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+                  "rm_holdout": (lambda v: 0 < v < 1, "in (0, 1)"),
+                  "dim": (lambda v: v >= 1 and v % self.n_heads == 0, f"a multiple of --n-heads {self.n_heads}")}
+        for name, value in asdict(self).items():
+            test, what = ranges.get(name, at_least_1)
+            if not test(value):
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be {what}")
+        return self
+
     def model(self, vocab_size):
         return llama.LlamaConfig(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=vocab_size,
                                  hidden_dim=self.hidden_dim, max_seq_len=self.max_seq_len)
@@ -96,11 +112,15 @@ def train_tokenizer(texts, path, vocab_size=512):
              "\n\n### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:"]
     lines = [line for t in texts for line in t.split("\n") if line.strip()]  # "\n" elsewhere -> byte <0x0A>
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, minloglevel=2,
-        user_defined_symbols=[s.replace(" ", "\u2581") for s in fixed])
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, minloglevel=2,
+            user_defined_symbols=[s.replace(" ", "\u2581") for s in fixed])
+    except RuntimeError as e:  # e.g. fewer pieces than bytes + the template's pieces, or more than the text has
+        raise ValueError(f"--vocab-size {vocab_size}: sentencepiece cannot train it on this text "
+                         f"({str(e).strip().splitlines()[-1].split('] ')[-1].split(' Increase')[0]})") from None
     with open(path + ".tmp", "wb") as f:
         f.write(buf.getvalue())
     os.replace(path + ".tmp", path)
@@ -321,6 +341,23 @@ def alive(pid):
     return True
 
 
+def wait_for_other_build(out, log, poll=2.0):
+    """If another live process is building `out` (its OUT.tmp-PID exists), wait until it ends; True if it did.
+    Two builds of one world would each do the whole work; the second one reads the first one's instead."""
+    parent, base = os.path.split(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        return False
+    others = [int(m[1]) for name in os.listdir(parent)
+              if (m := re.fullmatch(re.escape(base) + r"\.tmp-(\d+)", name)) and int(m[1]) != os.getpid()]
+    live = [pid for pid in others if alive(pid)]
+    if not live:
+        return False
+    log(f"[world] process {live[0]} is building {out}; waiting for it to finish")
+    while alive(live[0]):
+        time.sleep(poll)
+    return True
+
+
 def claim_build_dir(out, spec, log):
     """Our temporary build directory `OUT.tmp-PID`. A build left by a dead process (or by this one, after an
     exception) with the same settings is taken over, with its finished stages; other dead ones are removed."""
@@ -358,6 +395,7 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
     log = log or (lambda *a: None)
     say = lambda text: log(textwrap.fill(text, 100, subsequent_indent=" " * 8))  # within 100 columns
     paths = {k: os.path.join(out, v) for k, v in LAYOUT.items()}
+    cfg = cfg and cfg.check()
     if os.path.exists(paths["info"]):
         built = read_world(paths["info"])["config"]
         spec = {"seed": seed, **asdict(cfg)} if cfg is not None else {**built, "seed": seed}
@@ -367,9 +405,14 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
         return paths
     cfg = cfg or WorldConfig()
     spec = {"seed": seed, **asdict(cfg)}
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out} is a file, not a directory to build the world into")
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"{out} exists but holds no {LAYOUT['info']}; delete it or use another directory")
-    say(f"[world] building the small world into {out}: once (about 5 minutes on 2 CPU cores), then reused")
+    if wait_for_other_build(out, log):
+        return bootstrap(out, seed, cfg, log)
+    when = " (about 5 minutes on 2 CPU cores)" if cfg == WorldConfig() else ""
+    say(f"[world] building the small world into {out}: once{when}, then reused")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp, t0, info = claim_build_dir(out, spec, log), time.time(), {}
     for i, (name, build) in enumerate(STAGES, 1):
@@ -379,7 +422,11 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
             say(f"[world] {i}/{len(STAGES)} {name}: finished by the earlier build")
             continue
         t = time.time()
-        info[name], line = build(tmp, cfg, seed, log)
+        try:
+            info[name], line = build(tmp, cfg, seed, log)
+        except ValueError:  # settings that cannot build (a crash or a kill leaves the stages done, for resuming)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         write_json(marker, info[name])
         say(f"[world] {i}/{len(STAGES)} {line} ({time.time() - t:.0f} s; {time.time() - t0:.0f} s in all)")
     write_json(os.path.join(tmp, LAYOUT["info"]), {"config": spec, **info})

@@ -16,14 +16,27 @@ from world.build import LAYOUT
 from world.tasks import paired_difference, win_rate
 
 
+def read_outputs(file):
+    """An AlpacaEval JSON list of {instruction, input, output} records; anything else is one ValueError naming
+    the file and the first bad record."""
+    outs = read_json(file)
+    if not isinstance(outs, list):
+        raise ValueError(f"{file}: not a JSON list of {{instruction, input, output}} records")
+    for i, o in enumerate(outs):
+        if not (isinstance(o, dict) and isinstance(o.get("instruction"), str) and isinstance(o.get("output"), str)):
+            raise ValueError(f"{file}: record {i} is not an {{instruction, input, output}} record with string "
+                             f"instruction and output")
+    return outs
+
+
 def judge(outputs_file, eval_file, baseline_file=None):
     """The gold annotator's verdict on a file of outputs (AlpacaEval's JSON list, as train.py writes into
     OUT/eval/) for the world's evaluation prompts, and optionally against another such file, paired by prompt."""
     records = read_json(eval_file)
     texts = []
     for file in [outputs_file] + ([baseline_file] if baseline_file else []):
-        outs = read_json(file)
-        if [(o.get("instruction"), o.get("input") or "") for o in outs] != [(r["instruction"], r["input"]) for r in records]:
+        outs = read_outputs(file)
+        if [(o["instruction"], o.get("input") or "") for o in outs] != [(r["instruction"], r["input"]) for r in records]:
             raise ValueError(f"{file} does not hold outputs for the prompts of {eval_file}, in their order")
         texts.append([o["output"] for o in outs])
     refs = [r["output"] for r in records]

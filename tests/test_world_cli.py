@@ -1,0 +1,64 @@
+"""The small world's command lines on bad input: one line naming the flag or file, no traceback, nothing left
+behind; and a second build of the same world waits for the first instead of doing the work twice."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from world import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--sft-steps=-5"], "--sft-steps -5: must be at least 1"),        # was: an untrained world, silently
+    (["--n-sft", "0"], "--n-sft 0: must be at least 1"),               # was: ZeroDivisionError deep in stage 3
+    (["--p-hard", "2"], "--p-hard 2.0: must be in [0, 1]"),
+    (["--rm-holdout", "1"], "--rm-holdout 1.0: must be in (0, 1)"),
+    (["--sft-lr", "nan"], "--sft-lr nan: must be a finite number > 0"),
+    (["--dim", "63"], "--dim 63: must be a multiple of --n-heads 4"),
+    (["--vocab-size", "50", "--n-sft", "100", "--n-pref", "10", "--n-ppo", "10", "--n-eval", "10"],
+     "--vocab-size 50: sentencepiece cannot train it on this text (Vocabulary size is smaller than required_chars"),
+])
+def test_world_build_refuses_bad_sizes_in_one_line(tmp_path, flags, line):
+    r = run("world.build", "--out", str(tmp_path / "seed0"), *flags)
+    assert r.returncode == 1 and r.stderr.startswith("error: " + line) and r.stderr.count("\n") == 1, r.stderr
+    assert os.listdir(tmp_path) == [], "a refused build leaves nothing behind"
+
+
+def test_world_build_refuses_a_file_as_out(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = run("world.build", "--out", str(tmp_path / "notes.txt"))
+    assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'notes.txt'} is a file, not a directory to build " \
+                                             "the world into\n", r.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("content, line", [
+    ("[1, 2, 3]", "record 0 is not an {instruction, input, output} record with string instruction and output"),
+    ('{"output": "x"}', "not a JSON list of {instruction, input, output} records"),
+    ('[{"instruction": "Count from 1 to 3.", "input": ""}]', "record 0 is not an {instruction, input, output}"),
+    ('[{"instruction": "x", "input": "", "output": "y"', "malformed JSON"),
+])
+def test_world_judge_refuses_bad_outputs_in_one_line(tmp_path, content, line):
+    (tmp_path / "out.json").write_text(content)
+    r = run("world.judge", str(tmp_path / "out.json"))
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / 'out.json'}") and line in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_second_build_waits_for_the_first(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+    (tmp_path / f"seed0.tmp-{other.pid}").mkdir()  # a live process is building tmp_path/seed0
+    lines, t = [], time.time()
+    assert build.wait_for_other_build(str(tmp_path / "seed0"), lines.append, poll=0.05)
+    assert lines == [f"[world] process {other.pid} is building {tmp_path / 'seed0'}; waiting for it to finish"]
+    assert other.poll() is not None and time.time() - t >= 0.5
+    other.wait()
+    assert not build.wait_for_other_build(str(tmp_path / "seed0"), lines.append), "a dead builder is not waited for"
