@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoints
+from support import files
 
 RUN_FILES = ("metrics.jsonl", "checkpoint", "checkpoint.old", "adapter", "eval")
 
@@ -189,7 +190,7 @@ def truncate_metrics(path, step):
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"{path}: line {i + 1} is not a metrics line; remove it to resume") from None
-    checkpoints.atomic_write(path, lambda tmp: open(tmp, "w").writelines(kept))
+    files.atomic_write(path, lambda tmp: open(tmp, "w").writelines(kept))
 
 
 def move_earlier_run(out):

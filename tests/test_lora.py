@@ -351,7 +351,7 @@ def test_peft_adapter_gives_merged_weight_logits(tmp_path):
 
 def test_peft_config_as_peft_writes_it(tmp_path):
     """PEFT writes every field of its LoraConfig, most of them unset; with plain-LoRA values they load, and so
-    does a field we do not know that is unset (the refusals are in test_llama.test_refused_by_name)."""
+    does a field we do not know that is unset (the refusals are in test_refusals.py)."""
     sd, cfg = peft_adapter(tmp_path / "plain")
     cfg.update({"alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
                 "base_model_name_or_path": "org/tiny", "corda_config": None, "ensure_weight_tying": False,
@@ -384,45 +384,8 @@ def test_7b_preset_on_meta_device_counts():
     assert count_parameters(value) == (8_388_608 + 4097, 6_738_415_616 + 8_388_608 + 4097)
 
 
-def test_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        load_adapter(tiny(), str(tmp_path / "nowhere"))
-    peft_adapter(tmp_path / "noweights")
-    os.remove(tmp_path / "noweights" / "adapter_model.safetensors")
-    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors nor adapter_model.bin"):
-        load_adapter(tiny(), str(tmp_path / "noweights"))
-
-    def broken(name, edit_cfg=None, edit_sd=None):
-        d = tmp_path / name
-        sd, cfg = peft_adapter(d)
-        if edit_cfg:
-            edit_cfg(cfg)
-            (d / "adapter_config.json").write_text(json.dumps(cfg))
-        if edit_sd:
-            edit_sd(sd)
-            save_file(sd, str(d / "adapter_model.safetensors"))
-        model = tiny()
-        with pytest.raises(ValueError) as e:
-            load_adapter(model, str(d))
-        assert lora_layers(model) == [], "a failed load must leave the model untouched"
-        return str(e.value)
-
-    msg = broken("rank", edit_cfg=lambda c: c.update(r=4))
-    assert "adapter_model.safetensors" in msg and "lora_A.weight" in msg and "r=4" in msg
-    msg = broken("target", edit_cfg=lambda c: c.update(target_modules=["q_proj", "query_key_value"]))
-    assert "adapter_config.json" in msg and "target_modules" in msg and "query_key_value" in msg
-    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-    msg = broken("shape", edit_sd=lambda sd: sd.update({key: torch.zeros(TINY.dim + 1, 2)}))
-    assert key in msg and f"({TINY.dim + 1}, 2)" in msg
-    extra = "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"
-    msg = broken("extra", edit_sd=lambda sd: sd.update({extra: torch.zeros(2, TINY.dim)}))
-    assert extra in msg and "unexpected" in msg
-    msg = broken("missing", edit_sd=lambda sd: sd.pop(key))
-    assert key in msg and "missing" in msg
-    msg = broken("dora", edit_cfg=lambda c: c.update(use_dora=True))
-    assert "use_dora" in msg
-    msg = broken("type", edit_cfg=lambda c: c.update(peft_type="IA3"))
-    assert "peft_type" in msg
+def test_load_into_other_lora_layers_and_save_without_lora_are_refused(tmp_path):
+    """Errors of use, not of files (those are in test_refusals.py)."""
     peft_adapter(tmp_path / "good")
     model = tiny()
     add_lora(model, rank=4)

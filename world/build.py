@@ -37,7 +37,8 @@ import torch.nn.functional as F
 import checkpoints
 import llama
 import reward
-from checkpoints import read_json
+from support import files
+from support.files import read_json
 from world.tasks import TASKS, check, label_pairs, make_splits, mean_se, prefer, win_rate
 
 
@@ -97,7 +98,7 @@ LAYOUT = {"tokenizer": "tokenizer.model", "policy": "sft", "reward": "reward", "
 
 
 def write_json(path, obj):
-    checkpoints.write_json(path, obj, indent=1)
+    files.write_json(path, obj, indent=1)
 
 
 # ----------------------------------------------------------------------------- stage 2: the tokenizer

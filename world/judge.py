@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from checkpoints import read_json
+from support.files import read_json
 from world.build import LAYOUT
 from world.tasks import paired_difference, win_rate
 
