@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from support import cudagraph
+
 
 @dataclass
 class LlamaConfig:
@@ -280,33 +282,11 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_p=1.0, eo
         if t == max_new_tokens - 1 or done.all():
             break
         if cuda_graph and t == 0:
-            step = capture(step, next_token[:, None], start)
+            step = cudagraph.capture(step, next_token[:, None], start)
         # finished rows keep decoding their (valid) samples; those are masked out above and never returned
         logits = step(next_token[:, None], start)
         start += 1
     return torch.stack(out, 1), torch.stack(out_mask, 1).long()
-
-
-def capture(fn, *args):
-    """fn recorded as a CUDA graph: the function returned copies its arguments into the recorded inputs and
-    replays fn's kernels in one launch. The graph holds exactly the eager kernels (tested token for token); the
-    sampling, whose random numbers a graph would freeze, stays outside. The warm-up runs fn once on args."""
-    inputs = [a.clone() for a in args]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (cuBLAS handles, attention plans) on a side stream, as capture asks
-        fn(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn(*inputs)
-
-    def replay(*args):
-        for x, a in zip(inputs, args):
-            x.copy_(a)
-        graph.replay()
-        return output  # overwritten by the next replay
-    return replay
 
 
 def last_index(mask):

@@ -23,6 +23,7 @@ import lora
 import ppo
 from llama import Llama, LlamaConfig, generate, left_pad
 from reward import RewardModel, ValueModel
+from support import cudagraph
 from test_ppo import rollout
 from test_train import base_args, metrics, run, setup  # noqa: F401  (setup is a fixture)
 
@@ -158,7 +159,7 @@ needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUD
 @needs_cuda
 @torch.no_grad()
 def test_cuda_graph_step_replays_the_eager_step():
-    """llama.capture of generate's decoding step gives the eager step's logits bit for bit (it replays the same
+    """cudagraph.capture of generate's decoding step gives the eager step's logits bit for bit (it replays the same
     kernels) at every slot of a left-padded batch, and both match one full forward of the batch."""
     gpu = lora_policy(5)
     tokens, mask = (x.to(DEVICE) for x in left_pad([torch.randint(0, CFG.vocab_size, (n,)).tolist() for n in (5, 40, 23)]))
@@ -170,7 +171,7 @@ def test_cuda_graph_step_replays_the_eager_step():
         start += tokens.shape[1]
         step = lambda token, start, cache=cache: gpu(token, None, cache, start)[:, -1]
         if graph:
-            step = llama.capture(step, nxt[:, :1], start)
+            step = cudagraph.capture(step, nxt[:, :1], start)
         out = []
         for t in range(8):
             out.append(step(nxt[:, t:t + 1], start).clone())

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import llama
-from support import plan
+from support import cudagraph, plan
 import ppo
 from llama import Llama, generate, get_preset
 from lora import add_lora, count_parameters
@@ -144,7 +144,7 @@ def decode_step(policy, prompts, mask, N, cuda_graph, device, repeats=20):
     step = lambda token, start: policy(token, None, cache, start)[:, -1]  # as in llama.generate
     token = prompts[:, -1:]
     if cuda_graph:
-        step = llama.capture(step, token, start)
+        step = cudagraph.capture(step, token, start)
     step(token, start)
     return best_time(lambda: [step(token, start) for _ in range(repeats)], 3, device)[0] / repeats
 
