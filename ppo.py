@@ -7,12 +7,12 @@ One PPO step, in the paper's order:
   3. GAE          gae: advantages (whitened over valid tokens) and returns = advantages + values
   4. Eq. 2        policy_loss (clipped ratio pi_theta / pi_old) + vf_coef * value_loss (clipped)
   5. optimize     ppo_update: epochs x minibatches, gradient accumulation over distinct micro-batches
-Plain functions over tensors plus two loop functions; the train script owns models, devices and logging.
+Plain functions over tensors plus loop functions that read their knobs from `args` (train.py's Args); the train
+script owns models, devices and logging.
 Responses are right-padded: `mask` (B, N) is 1 on response tokens up to and including EOS, then 0.
 Tests: python -m pytest tests/test_ppo.py
 """
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,54 +21,6 @@ import divergences
 import llama
 import lora
 from divergences import masked_mean
-
-
-def knob(default, help, valid=None):
-    """A config field with its one-line doc (shown by train.py --help) and the values it may take, valid =
-    (test, what they are): train.py ends a run given any other value with one line naming the flag."""
-    return field(default=default, metadata={"help": help, "valid": valid})
-
-
-AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
-POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
-
-
-@dataclass
-class PPOConfig:
-    """The PPO knobs, with the paper's defaults; train.py's Args adds the run's own to these."""
-    # Eq. 3: per-token reward r_t = -kl_coef * D_t, plus the reward-model score at the last token
-    kl_coef: float = knob(0.02, "beta in Eq. 3 (0 = no regularization)",
-                          (NON_NEGATIVE[0], "a finite number >= 0 (--estimator negative_kl rewards divergence)"))
-    estimator: str = knob("kl", "the divergence penalty D in Eq. 3: " + ", ".join(divergences.ESTIMATORS))
-    adaptive_kl: bool = knob(False, "AlpacaFarm's adaptive beta controller (off in the paper)")
-    kl_target: float = knob(6.0, "target of the per-sequence penalty sum (adaptive controller only)", POSITIVE)
-    k_beta: float = knob(0.1, "controller gain: beta *= 1 + k_beta * clip(KL / target - 1, -0.2, 0.2)",
-                         NON_NEGATIVE)
-    no_eos_penalty: float | None = knob(None, "score given to responses that never emit EOS (e.g. -1; off)",
-                                        (lambda v: v is None or math.isfinite(v), "a finite number"))
-    whiten_rewards: bool = knob(True, "scale shaped rewards by their std, keeping the mean (as the reference)")
-    # GAE (Schulman et al. 2016)
-    gamma: float = knob(1.0, "discount", UNIT)
-    lam: float = knob(0.95, "GAE lambda (upstream AlpacaFarm: 1.0)", UNIT)
-    # Eq. 2 and the value loss
-    cliprange: float = knob(0.2, "epsilon of the clipped ratio in Eq. 2", POSITIVE)
-    cliprange_value: float = knob(0.2, "clip range of the value loss", POSITIVE)
-    vf_coef: float = knob(0.1, "weight of the value loss", NON_NEGATIVE)
-    # optimization phase
-    ppo_epochs: int = knob(2, "passes over each rollout", AT_LEAST_1)
-    step_batch_size: int = knob(128, "samples per optimizer step", AT_LEAST_1)
-    micro_batch_size: int = knob(16, "samples per forward/backward (gradients accumulate to the step batch)",
-                                 AT_LEAST_1)
-    max_grad_norm: float = knob(1.0, "gradient-norm clip, joint over policy + value", POSITIVE)
-    # rollout generation
-    max_new_tokens: int = knob(300, "response length limit", AT_LEAST_1)
-    temperature: float = knob(1.0, "sampling temperature of rollouts", (NON_NEGATIVE[0], "a finite number >= 0 "
-                                                                                         "(0 = greedy)"))
-    top_p: float = knob(1.0, "nucleus sampling mass of rollouts", (lambda v: 0 < v <= 1, "in (0, 1]"))
-    generate_batch_size: int = knob(64, "prompts per generate call (decoding is memory-light)", AT_LEAST_1)
-    cuda_graph: bool = knob(True, "on a CUDA device, replay each decoding step of the rollouts as a CUDA graph")
 
 
 # ----------------------------------------------------------------------------- tensor helpers
@@ -163,12 +115,12 @@ def value_loss(vpred, old_values, returns, mask, cliprange_value):
     return loss, stats
 
 
-def update_kl_coef(kl_coef, kl, cfg):
+def update_kl_coef(kl_coef, kl, args):
     """AlpacaFarm's adaptive controller, once per PPO step; kl = mean per-sequence divergence."""
-    if not cfg.adaptive_kl:
+    if not args.adaptive_kl:
         return kl_coef
-    error = min(max(kl / cfg.kl_target - 1.0, -0.2), 0.2)
-    return kl_coef * (1.0 + cfg.k_beta * error)
+    error = min(max(kl / args.kl_target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + args.k_beta * error)
 
 
 # ----------------------------------------------------------------------------- 1. rollout
@@ -188,15 +140,15 @@ def response_logits(model, tokens, mask, P, temperature):
 
 
 @torch.no_grad()
-def generate_responses(policy, prompts, prompt_mask, cfg, eos_id, pad_id=0, generator=None):
-    """1a. y ~ pi_theta(. | x) for left-padded prompts (B, P), in chunks of cfg.generate_batch_size.
+def generate_responses(policy, prompts, prompt_mask, args, eos_id, pad_id=0, generator=None):
+    """1a. y ~ pi_theta(. | x) for left-padded prompts (B, P), in chunks of args.generate_batch_size.
     Returns responses (B, N) right-padded to the longest, and their mask (B, N)."""
     policy.eval()                                                         # no LoRA dropout while sampling
-    chunks = [llama.generate(policy, prompts[i:i + cfg.generate_batch_size],
-                             prompt_mask[i:i + cfg.generate_batch_size], cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
-                             generator=generator, cuda_graph=cfg.cuda_graph and prompts.device.type == "cuda")
-              for i in range(0, prompts.shape[0], cfg.generate_batch_size)]
+    chunks = [llama.generate(policy, prompts[i:i + args.generate_batch_size],
+                             prompt_mask[i:i + args.generate_batch_size], args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, eos_id=eos_id, pad_id=pad_id,
+                             generator=generator, cuda_graph=args.cuda_graph and prompts.device.type == "cuda")
+              for i in range(0, prompts.shape[0], args.generate_batch_size)]
     N = max(out.shape[1] for out, _ in chunks)
     responses = torch.cat([F.pad(o, (0, N - o.shape[1]), value=pad_id) for o, _ in chunks])    # (B, N)
     mask = torch.cat([F.pad(m, (0, N - m.shape[1]), value=0) for _, m in chunks])              # (B, N)
@@ -243,7 +195,7 @@ def reward_score(reward_model, tokens, full_mask, eos_id=None):
 
 
 @torch.no_grad()
-def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, responses, mask, cfg, kl_coef,
+def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, responses, mask, args, kl_coef,
                   eos_id, ref_model=None):
     """1b-d for sampled responses, then 2. Eq. 3 rewards and 3. GAE; returns (batch, stats).
 
@@ -260,23 +212,23 @@ def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, respo
     tokens = torch.cat([prompts, responses], 1)                                                # (B, P+N)
     full_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
     parts = []
-    for i in range(0, prompts.shape[0], cfg.micro_batch_size):
-        s = slice(i, i + cfg.micro_batch_size)
+    for i in range(0, prompts.shape[0], args.micro_batch_size):
+        s = slice(i, i + args.micro_batch_size)
         parts.append((*policy_and_reference(policy, ref_model, tokens[s], full_mask[s], responses[s], mask[s], P,
-                                            cfg.temperature),                                # 1b.
+                                            args.temperature),                                # 1b.
                       state_values(value_model, tokens[s], full_mask[s], P),                # 1c.
                       reward_score(reward_model, tokens[s], full_mask[s], eos_id)))         # 1d.
     logprobs, ref_logprobs, true_kl, entropy, values, score = (torch.cat(x) for x in zip(*parts))
     raw_score, fmask = score, mask.float()
     has_eos = ((responses == eos_id) & mask.bool()).any(1) if eos_id is not None else torch.zeros_like(score).bool()
-    if cfg.no_eos_penalty is not None:       # responses that never stopped get a fixed, bad score
-        score = torch.where(has_eos, score, torch.full_like(score, cfg.no_eos_penalty))
+    if args.no_eos_penalty is not None:       # responses that never stopped get a fixed, bad score
+        score = torch.where(has_eos, score, torch.full_like(score, args.no_eos_penalty))
 
     # 2. Eq. 3 shaped rewards, optionally scaled by their std (mean kept), as the reference
-    shaped, penalty = shape_rewards(score, logprobs, ref_logprobs, fmask, kl_coef, cfg.estimator)
-    rewards = whiten(shaped, fmask, shift_mean=False) if cfg.whiten_rewards else shaped
+    shaped, penalty = shape_rewards(score, logprobs, ref_logprobs, fmask, kl_coef, args.estimator)
+    rewards = whiten(shaped, fmask, shift_mean=False) if args.whiten_rewards else shaped
     # 3. GAE; returns before, advantages after whitening
-    advantages, returns = gae(rewards, values * fmask, fmask, cfg.gamma, cfg.lam)
+    advantages, returns = gae(rewards, values * fmask, fmask, args.gamma, args.lam)
 
     batch = dict(prompts=prompts, prompt_mask=prompt_mask, responses=responses, mask=mask,
                  logprobs=logprobs * fmask, ref_logprobs=ref_logprobs * fmask, values=values * fmask,
@@ -295,8 +247,8 @@ def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, respo
 
 # ----------------------------------------------------------------------------- 5. optimization phase
 
-def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads=None, generator=None):
-    """cfg.ppo_epochs passes over the rollout in shuffled step batches of cfg.step_batch_size distinct samples,
+def ppo_update(policy, value_model, optimizer, scheduler, batch, args, sync_grads=None, generator=None):
+    """args.ppo_epochs passes over the rollout in shuffled step batches of args.step_batch_size distinct samples,
     one optimizer step each; returns the stats averaged over the steps. A step batch is accumulated over
     micro-batches, each loss weighted by its share of the step batch's valid tokens, so the gradient is that of
     the token mean over the step batch (the reference back-propagates one 16-sample minibatch several times
@@ -313,27 +265,27 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
     fmask = batch["mask"].float()
     B = tokens.shape[0]
     sums, n_steps = {}, 0
-    for epoch in range(cfg.ppo_epochs):
+    for epoch in range(args.ppo_epochs):
         perm = torch.randperm(B, generator=generator).to(dev)
-        for start in range(0, B, cfg.step_batch_size):
-            idx = perm[start:start + cfg.step_batch_size]
+        for start in range(0, B, args.step_batch_size):
+            idx = perm[start:start + args.step_batch_size]
             n_tokens = fmask[idx].sum()
             optimizer.zero_grad(set_to_none=True)
             step_stats, bad_loss = {}, None
-            for mstart in range(0, len(idx), cfg.micro_batch_size):
-                mb = idx[mstart:mstart + cfg.micro_batch_size]
+            for mstart in range(0, len(idx), args.micro_batch_size):
+                mb = idx[mstart:mstart + args.micro_batch_size]
                 mb_mask = fmask[mb]
                 weight = mb_mask.sum() / n_tokens                 # share of the step batch's valid tokens
                 # log pi_theta(y_t) and V(x, y_<t) under the current parameters (dropout on)
-                logits = response_logits(policy, tokens[mb], full_mask[mb], P, cfg.temperature)  # (b, N, V)
+                logits = response_logits(policy, tokens[mb], full_mask[mb], P, args.temperature)  # (b, N, V)
                 mb_logprobs = logprobs_from_logits(logits, batch["responses"][mb])
                 vpred = state_values(value_model, tokens[mb], full_mask[mb], P)                  # (b, N)
                 # 4. Eq. 2 and the clipped value loss
                 pg_loss, pg_stats = policy_loss(mb_logprobs, batch["logprobs"][mb], batch["advantages"][mb],
-                                                mb_mask, cfg.cliprange)
+                                                mb_mask, args.cliprange)
                 vf_loss, vf_stats = value_loss(vpred, batch["values"][mb], batch["returns"][mb], mb_mask,
-                                               cfg.cliprange_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
+                                               args.cliprange_value)
+                loss = pg_loss + args.vf_coef * vf_loss
                 if not torch.isfinite(loss) and bad_loss is None:
                     bad_loss = f"loss is {loss.item()} in the micro-batch starting at {mstart}"
                 # a non-finite loss still back-propagates: its NaN gradients reach every rank through
@@ -349,7 +301,7 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
             # 5. one optimizer step on the step batch: (all-reduce), joint clip, update
             if sync_grads is not None:
                 sync_grads()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             if not math.isfinite(grad_norm) or bad_loss is not None:
                 raise FloatingPointError(f"ppo_update: {bad_loss or 'gradient norm is ' + str(grad_norm)} at "
                                          f"epoch {epoch}, optimizer step {n_steps}")

@@ -21,6 +21,7 @@ import torch
 import llama
 import lora
 import ppo
+import train
 from llama import Llama, LlamaConfig, generate, left_pad
 from reward import RewardModel, ValueModel
 from support import cudagraph
@@ -123,7 +124,7 @@ def test_rollout_reference_adapters_off_equals_separate_model():
     reward_model = RewardModel(CFG).to(DEVICE, torch.bfloat16).requires_grad_(False)
     value = ValueModel(reward_model.backbone, lora_dtype=torch.float32)
     prompts, mask = left_pad([torch.randint(3, CFG.vocab_size, (n,)).tolist() for n in (7, 12, 3, 9)])
-    cfg = ppo.PPOConfig(estimator="js", micro_batch_size=2, max_new_tokens=10)
+    cfg = train.Args(estimator="js", micro_batch_size=2, max_new_tokens=10)
     out = []
     for r in (None, ref):
         g = torch.Generator(DEVICE).manual_seed(0)

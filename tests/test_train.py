@@ -18,6 +18,7 @@ import checkpoints
 import llama
 import lora
 from reward import RewardModel
+from support import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=96, max_seq_len=256)
@@ -452,7 +453,7 @@ def test_lr_schedule_decays_over_the_papers_horizon():
     n = train.WORLD.steps
     assert [world(s) for s in range(n)] == [min((s + 1) / 5, max(0.0, (n - s) / (n - 5))) for s in range(n)]
     with pytest.raises(ValueError, match="--decay-steps must be at least --steps 1000"):
-        train.parse_args(["--policy", "p", "--reward", "r", "--prompts", "x", "--steps", "1000"])
+        config.parse(train.Args, train.WORLD, ["--policy", "p", "--reward", "r", "--prompts", "x", "--steps", "1000"])
 
 
 class RunsCode:
