@@ -37,10 +37,10 @@ def entropy_from_logits(logits):
     return -(logp.exp() * logp).sum(-1)                                   # (B, N)
 
 
-# The reference computes these statistics over padded positions too, so the many zeros after EOS pull
+# AlpacaFarm computes these statistics over padded positions too, so the many zeros after EOS pull
 # the mean and variance; here every statistic is over valid tokens only (masked_mean from divergences.py).
 def masked_var(x, mask):
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)             # biased, like the reference
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)             # biased, like AlpacaFarm's
 
 
 def whiten(x, mask, shift_mean=True, eps=1e-8):
@@ -185,7 +185,7 @@ def reward_score(reward_model, tokens, full_mask, eos_id=None):
     special tokens) reads the sequence without its final EOS, so its score is read at the token before. With one
     device the value model is built on the reward model's own backbone: lora_disabled turns its adapters off
     for the score (and does nothing to a reward model without adapters)."""
-    if eos_id is not None and not getattr(reward_model, "score_eos", True):
+    if eos_id is not None and not reward_model.score_eos:
         last = llama.last_index(full_mask)                                                          # (b,)
         ends_in_eos = tokens.gather(1, last[:, None]).squeeze(1) == eos_id
         full_mask = full_mask.masked_fill(F.one_hot(last, tokens.shape[1]).bool() & ends_in_eos[:, None], 0)
@@ -224,7 +224,7 @@ def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, respo
     if args.no_eos_penalty is not None:       # responses that never stopped get a fixed, bad score
         score = torch.where(has_eos, score, torch.full_like(score, args.no_eos_penalty))
 
-    # 2. Eq. 3 shaped rewards, optionally scaled by their std (mean kept), as the reference
+    # 2. Eq. 3 shaped rewards, optionally scaled by their std (mean kept), as AlpacaFarm
     shaped, penalty = shape_rewards(score, logprobs, ref_logprobs, fmask, kl_coef, args.estimator)
     rewards = whiten(shaped, fmask, shift_mean=False) if args.whiten_rewards else shaped
     # 3. GAE; returns before, advantages after whitening

@@ -26,13 +26,15 @@ import lora
 
 
 class RewardModel(nn.Module):
-    def __init__(self, cfg):
+    """score_eos: trained on sequences ending in EOS (ours) or without it (AlpacaFarm's, score_eos=False), so
+    ppo.reward_score scores a response with or without its final EOS."""
+
+    def __init__(self, cfg, score_eos=True):
         super().__init__()
         self.backbone = llama.Llama(cfg)     # keeps its LM head (unused) so AlpacaFarm files round-trip
         self.reward_head = nn.Linear(cfg.dim, 1)
         nn.init.zeros_(self.reward_head.bias)
-        # trained on sequences ending in EOS (ours) or without it (AlpacaFarm's); ppo.reward_score reads it
-        self.score_eos = True
+        self.score_eos = score_eos
 
     def forward(self, tokens, mask=None):
         """tokens, mask (B, T) -> score (B,) in fp32."""

@@ -49,7 +49,7 @@ class Args:
     no_eos_penalty: float | None = None
     """score given to responses that never emit EOS (e.g. -1; off)"""
     whiten_rewards: bool = True
-    """scale shaped rewards by their std, keeping the mean (as the reference)"""
+    """scale shaped rewards by their std, keeping the mean (as AlpacaFarm)"""
     # GAE (Schulman et al. 2016)
     gamma: float = 1.0
     """discount"""
@@ -95,7 +95,7 @@ class Args:
     tokenizer: str | None = None
     """tokenizer.model (default: the one in --policy)"""
     max_prompt_tokens: int = 192
-    """longer prompts are dropped, as in the reference"""
+    """longer prompts are dropped, as in AlpacaFarm"""
     # LoRA (Eq. 1) and the optimizer
     lora_rank: int = 8
     """k in Eq. 1, for the policy and the value model"""
@@ -205,7 +205,7 @@ def use_world(args, rank, log):
 
 def read_data(args, log):
     """The tokenizer, the PPO prompts as token lists (in the Alpaca template; longer than --max-prompt-tokens
-    dropped, as the reference does) and the held-out evaluation records (or None)."""
+    dropped, as AlpacaFarm does) and the held-out evaluation records (or None)."""
     tokenizer = llama.Tokenizer(args.tokenizer or os.path.join(args.policy, "tokenizer.model"))
     prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))
                for r in checkpoints.read_prompts(args.prompts)]

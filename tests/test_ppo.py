@@ -180,6 +180,7 @@ class TokenReward(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(()))   # gives the module a device
+        self.score_eos = True                               # scores the response with its EOS, as ours
 
     def forward(self, tokens, mask):
         return ((tokens < TARGET) & mask.bool()).sum(-1).float()
