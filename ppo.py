@@ -12,8 +12,6 @@ script owns models, devices and logging.
 Responses are right-padded: `mask` (B, N) is 1 on response tokens up to and including EOS, then 0.
 Tests: python -m pytest tests/test_ppo.py
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -247,15 +245,19 @@ def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, respo
 
 # ----------------------------------------------------------------------------- 5. optimization phase
 
+def explained_variance(returns, values, mask):
+    """How much of the variance of the returns the values explain (1 = perfect, <= 0 = none), over valid tokens."""
+    var_returns = masked_var(returns, mask)
+    return (1.0 - masked_var(returns - values, mask) / var_returns).item() if var_returns > 0 else float("nan")
+
+
 def ppo_update(policy, value_model, optimizer, scheduler, batch, args, sync_grads=None, generator=None):
     """args.ppo_epochs passes over the rollout in shuffled step batches of args.step_batch_size distinct samples,
-    one optimizer step each; returns the stats averaged over the steps. A step batch is accumulated over
-    micro-batches, each loss weighted by its share of the step batch's valid tokens, so the gradient is that of
-    the token mean over the step batch (the reference back-propagates one 16-sample minibatch several times
-    without dividing). sync_grads, if given, runs before clipping (e.g. an all-reduce: the mean of the ranks' token
-    means, each rank whitened on its own). The scheduler steps once per call, i.e. once per PPO step, as in
-    AlpacaFarm. One function, as CleanRL's update, so that the three loops (epochs, step batches, micro-batches)
-    read together."""
+    one optimizer step each, accumulated over micro-batches weighted by their share of the step batch's valid tokens:
+    the gradient of the token mean over the step batch (AlpacaFarm back-propagates one 16-sample minibatch several
+    times without dividing). sync_grads, if given, runs before clipping (e.g. an all-reduce: the mean of the ranks'
+    token means, each rank whitened on its own). The scheduler steps once per call (per PPO step, as AlpacaFarm).
+    Returns the stats averaged over the steps. One function, as CleanRL's update: the three loops read together."""
     policy.train()
     value_model.train()
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
@@ -263,19 +265,17 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, args, sync_grad
     tokens = torch.cat([batch["prompts"], batch["responses"]], 1)                          # (B, P+N)
     full_mask = torch.cat([batch["prompt_mask"], batch["mask"].to(batch["prompt_mask"].dtype)], 1)
     fmask = batch["mask"].float()
-    B = tokens.shape[0]
     sums, n_steps = {}, 0
     for epoch in range(args.ppo_epochs):
-        perm = torch.randperm(B, generator=generator).to(dev)
-        for start in range(0, B, args.step_batch_size):
+        perm = torch.randperm(tokens.shape[0], generator=generator).to(dev)
+        for start in range(0, tokens.shape[0], args.step_batch_size):
             idx = perm[start:start + args.step_batch_size]
-            n_tokens = fmask[idx].sum()
             optimizer.zero_grad(set_to_none=True)
-            step_stats, bad_loss = {}, None
+            step_stats = {}
             for mstart in range(0, len(idx), args.micro_batch_size):
                 mb = idx[mstart:mstart + args.micro_batch_size]
                 mb_mask = fmask[mb]
-                weight = mb_mask.sum() / n_tokens                 # share of the step batch's valid tokens
+                weight = mb_mask.sum() / fmask[idx].sum()               # share of the step batch's valid tokens
                 # log pi_theta(y_t) and V(x, y_<t) under the current parameters (dropout on)
                 logits = response_logits(policy, tokens[mb], full_mask[mb], P, args.temperature)  # (b, N, V)
                 mb_logprobs = logprobs_from_logits(logits, batch["responses"][mb])
@@ -286,38 +286,28 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, args, sync_grad
                 vf_loss, vf_stats = value_loss(vpred, batch["values"][mb], batch["returns"][mb], mb_mask,
                                                args.cliprange_value)
                 loss = pg_loss + args.vf_coef * vf_loss
-                if not torch.isfinite(loss) and bad_loss is None:
-                    bad_loss = f"loss is {loss.item()} in the micro-batch starting at {mstart}"
-                # a non-finite loss still back-propagates: its NaN gradients reach every rank through
-                # sync_grads, so all ranks stop at the same check below instead of hanging in a collective
-                (loss * weight).backward()
+                (loss * weight).backward()  # a non-finite loss makes the gradient norm below non-finite too
                 with torch.no_grad():
                     ent = masked_mean(entropy_from_logits(logits), mb_mask).item()
                 del logits
-                w = weight.item()
                 for k, v in dict(loss=loss.item(), pg_loss=pg_loss.item(), vf_loss=vf_loss.item(),
                                  entropy=ent, **pg_stats, **vf_stats).items():
-                    step_stats[k] = step_stats.get(k, 0.0) + w * v
-            # 5. one optimizer step on the step batch: (all-reduce), joint clip, update
+                    step_stats[k] = step_stats.get(k, 0.0) + weight.item() * v
+            # 5. one optimizer step on the step batch: (all-reduce), joint clip, update. A NaN reaches every
+            # rank through sync_grads, so all ranks stop at this one check instead of hanging in a collective
             if sync_grads is not None:
                 sync_grads()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-            if not math.isfinite(grad_norm) or bad_loss is not None:
-                raise FloatingPointError(f"ppo_update: {bad_loss or 'gradient norm is ' + str(grad_norm)} at "
-                                         f"epoch {epoch}, optimizer step {n_steps}")
-            step_stats["grad_norm"] = grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"ppo_update: gradient norm is {grad_norm.item()} (loss "
+                                         f"{step_stats['loss']}) at epoch {epoch}, optimizer step {n_steps}")
             optimizer.step()
             n_steps += 1
-            for k, v in step_stats.items():
+            for k, v in dict(step_stats, grad_norm=grad_norm.item()).items():
                 sums[k] = sums.get(k, 0.0) + v
     if not all(torch.isfinite(p).all() for p in params):  # e.g. an overflow in Adam's moments
         raise FloatingPointError("ppo_update: trainable weights are not finite after the update")
-    stats = {k: v / n_steps for k, v in sums.items()}
-    stats["lr"] = optimizer.param_groups[0]["lr"]
+    stats = {k: v / n_steps for k, v in sums.items()} | dict(lr=optimizer.param_groups[0]["lr"])
     if scheduler is not None:
         scheduler.step()
-    # how much of the variance of the returns the rollout's values explain (1 = perfect, <= 0 = none)
-    var_returns = masked_var(batch["returns"], fmask)
-    stats["explained_variance"] = (1.0 - masked_var(batch["returns"] - batch["values"], fmask)
-                                   / var_returns).item() if var_returns > 0 else float("nan")
-    return stats
+    return stats | dict(explained_variance=explained_variance(batch["returns"], batch["values"], fmask))
