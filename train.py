@@ -26,9 +26,8 @@ import checkpoints
 import llama
 import lora
 import ppo
-import sample
 from reward import ValueModel
-from support import config, plan, rundir
+from support import config, data, exits, plan, report, rundir
 
 
 @dataclasses.dataclass
@@ -159,74 +158,7 @@ def lr_schedule(args):
     return lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (end - s) / max(1, end - args.warmup_steps)))
 
 
-def batch_prompts(prompts, pos, n, seed):
-    """The n prompts after position pos of an endless stream: a fresh shuffle per pass, from the seed."""
-    order = lambda epoch: torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return [prompts[order(i // len(prompts))[i % len(prompts)]] for i in range(pos, pos + n)]
-
-
-def evaluate_step(step, policy, ref, reward_model, tokenizer, records, args, rank, world):
-    # sample.evaluate on all the held-out prompts (every rank computes the same); rank 0 writes the responses to
-    # OUT/eval/stepNNNN.json
-    out_file = os.path.join(args.out, "eval", f"step{step:04d}.json") if rank == 0 else None
-    return sample.evaluate(policy, ref, reward_model, tokenizer, records, args.max_new_tokens, args.micro_batch_size,
-                           world, out_file, f"lora-rlhf-{args.estimator}-step{step}")
-
-
-def console_lines(step, steps, s):
-    # step: score: the reward model's; penalty: mean D_t per token; true KL: exact, per response; len: tokens incl.
-    # EOS; loss: policy + vf_coef x value loss; tok/s: response tokens sampled and trained per second (the step's
-    # seconds are in OUT/metrics.jsonl). eval: greedy responses to the held-out prompts (and the small world's
-    # gold annotator's verdicts); step 0 is the SFT policy
-    lines = [f"step {step:3d}/{steps} | score {s['score']:+.3f} | penalty {s['penalty']:+.4f} | true KL "
-             f"{s['true_kl']:.2f} | len {s['response_length']:.1f} | loss {s['loss']:+.3f} | {s['tokens_per_s']:.0f} "
-             f"tok/s" if step else "step   0 (the SFT policy)"]
-    if "eval_score" in s:
-        win = (f" | win rate {s['eval_win_rate']:.3f} +- {s['eval_win_rate_se']:.3f} | accuracy "
-               f"{s['eval_accuracy']:.3f}" if "eval_win_rate" in s else "")
-        lines.append(f"   eval | score {s['eval_score']:+.3f} | true KL {s['eval_true_kl']:.2f} | len "
-                     f"{s['eval_length']:.1f}" + win)
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- set-up and finish, in main's order
-
-def use_world(args, rank, log):
-    """args pointing at the built-in small world's files, and the world (its annotator judges evaluations).
-    Rank 0 builds it once; the others wait, then read the finished directory."""
-    from world import build as world
-    world_dir = os.path.join(args.world_dir, f"seed{args.world_seed}")
-    paths = world.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
-    rundir.barrier()
-    paths = paths or world.bootstrap(world_dir, seed=args.world_seed, log=None)
-    return dataclasses.replace(args, policy=paths["policy"], reward=paths["reward"], prompts=paths["prompts"],
-                               eval_prompts=paths["eval"]), world
-
-
-def read_data(args, log):
-    """The tokenizer, the PPO prompts as token lists (in the Alpaca template; longer than --max-prompt-tokens
-    dropped, as AlpacaFarm does) and the held-out evaluation records (or None)."""
-    tokenizer = llama.Tokenizer(args.tokenizer or os.path.join(args.policy, "tokenizer.model"))
-    prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))
-               for r in checkpoints.read_prompts(args.prompts)]
-    kept = [p for p in prompts if len(p) <= args.max_prompt_tokens]
-    log(f"prompts: {len(kept)} of {len(prompts)} from {args.prompts} (dropped {len(prompts) - len(kept)} longer "
-        f"than {args.max_prompt_tokens} tokens)")
-    if not kept:
-        raise ValueError(f"{args.prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
-    if not args.eval_prompts:
-        return tokenizer, kept, None
-    # held out: every prompt is kept (an evaluation set is compared whole) unless it cannot be answered at all
-    evals = checkpoints.read_prompts(args.eval_prompts)
-    room = checkpoints.read_config(args.policy).max_seq_len - args.max_new_tokens
-    fits = [r for r in evals if len(tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))) <= room]
-    if len(fits) < len(evals):
-        log(f"eval prompts: {len(fits)} of {len(evals)} from {args.eval_prompts} (dropped {len(evals) - len(fits)} "
-            f"longer than {room} tokens, which leave no room for --max-new-tokens {args.max_new_tokens})")
-    if not fits:
-        raise ValueError(f"{args.eval_prompts}: no prompt leaves room for --max-new-tokens {args.max_new_tokens}")
-    return tokenizer, kept, fits
-
+# ----------------------------------------------------------------------------- set-up, in main's order
 
 def load_models(args, devices, log):
     """(policy, value, reference, reward model, trainable parameters): policy + value train on devices[0] (LoRA on
@@ -262,22 +194,11 @@ def load_models(args, devices, log):
     return policy, value, ref, reward_model, params
 
 
-def finish(args, rank, params, policy, metrics_file, log):
-    """The trainable weights' checksum (runs that agree print the same), the final adapter, and the ranks parted."""
-    print(f"trainable checksum {sum(p.double().sum().item() for p in params):.12e} (rank {rank})", flush=True)
-    if rank == 0:
-        checkpoints.save_adapter(policy, os.path.join(args.out, "adapter"), base_model_name_or_path=args.policy)
-        log(f"done: adapter in {args.out}/adapter, metrics in {metrics_file}")
-    rundir.release()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    """The run, top to bottom, in eight numbered sections, as CleanRL's ppo.py; set-up and bookkeeping (resume,
-    checkpoints, the stop after a NaN or a signal) are called from it, so that the PPO loop reads on one screen."""
+    """The run, top to bottom, in eight numbered sections, as CleanRL's ppo.py: 1-2 here, then train (3-8); set-up
+    and bookkeeping (resume, checkpoints, the stop after a NaN or a signal) are called from them in one line each."""
     # 1. config: the flags (Args)
     args, small_world = config.parse(Args, WORLD, argv)
 
@@ -288,14 +209,19 @@ def main(argv=None):
     devices = plan.pick_devices(args.devices, local_rank, local_world)
     if args.dry_run:
         return plan.print_plan(args, devices)
-    log, dev = print if rank == 0 else (lambda *a, **k: None), devices[0]
+    log = print if rank == 0 else (lambda *a, **k: None)
     if rank == 0 and (note := rundir.claim(args.out)):
         log(note)
     rundir.init_ranks(devices, world_size, local_world)
+    train(args, small_world, devices, rank, world_size, per_rank, log)
 
+
+def train(args, small_world, devices, rank, world_size, per_rank, log):
+    """main's sections 3-8: data, models, optimizer, resume, the PPO loop and the final adapter, on this rank."""
+    dev = devices[0]
     # 3. data: the built-in small world, or real checkpoints and prompts
-    args, world = use_world(args, rank, log) if small_world else (args, None)
-    tokenizer, prompts, eval_records = read_data(args, log)
+    args, world = data.small_world(args, rank, log) if small_world else (args, None)
+    tokenizer, prompts, eval_records = data.read(args, log)
 
     # 4. models: policy, value (LoRA), reference, reward model
     torch.manual_seed(args.seed)  # identical LoRA A init on every rank
@@ -313,20 +239,18 @@ def main(argv=None):
     flags = dataclasses.asdict(args)
     step, pos, kl_coef = rundir.start(flags, rank, MAY_CHANGE_ON_RESUME, log, policy, value, optimizer, scheduler,
                                       generator)
-    metrics_file = os.path.join(args.out, "metrics.jsonl")
     log(f"PPO: {args.steps} steps x {args.rollout_batch_size} rollouts, step batch {args.step_batch_size}, "
         f"micro-batch {args.micro_batch_size}, estimator {args.estimator}, beta {kl_coef}")
+    models = (policy, ref, reward_model)
     if eval_records and step == 0:  # the baseline of every curve
-        stats = evaluate_step(0, policy, ref, reward_model, tokenizer, eval_records, args, rank, world)
-        rundir.append_metrics(metrics_file, {"step": 0, **stats}, rank)
-        log(console_lines(0, args.steps, stats))
+        report.record(0, {}, args, rank, log, models, tokenizer, eval_records, world)
 
     # 7. the PPO loop (ppo.py's steps 1-5); a NaN, Ctrl-C or SIGTERM stops it with the last finished step saved
     good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)  # last finished step
     try:
         while step < args.steps:
             t0 = time.time()
-            batch_p = batch_prompts(prompts, pos + rank * per_rank, per_rank, args.seed)  # this rank's share
+            batch_p = data.batch(prompts, pos + rank * per_rank, per_rank, args.seed)  # this rank's share
             tokens, mask = (x.to(dev) for x in llama.left_pad(batch_p, tokenizer.pad_id))
             responses, rmask = ppo.generate_responses(policy, tokens, mask, rank_args, tokenizer.eos_id,
                                                       tokenizer.pad_id, generator)          # 1a. sample y ~ pi
@@ -341,10 +265,7 @@ def main(argv=None):
                          tokens_per_s=batch["mask"].sum().item() * world_size / (t3 - t0))
             stats = rundir.mean_over_ranks(stats, world_size, dev)
             kl_coef = ppo.update_kl_coef(kl_coef, stats["penalty_seq"], rank_args)
-            if eval_records and (step % args.eval_every == 0 or step == args.steps):
-                stats.update(evaluate_step(step, policy, ref, reward_model, tokenizer, eval_records, args, rank, world))
-            rundir.append_metrics(metrics_file, {"step": step, **stats}, rank)
-            log(console_lines(step, args.steps, stats))
+            report.record(step, stats, args, rank, log, models, tokenizer, eval_records, world)  # eval, metrics
             good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
             if step % args.save_every == 0 or step == args.steps:
                 rundir.save_checkpoint(good, flags, args.out, rank, policy)
@@ -354,28 +275,12 @@ def main(argv=None):
         rundir.stop(e, good, flags, rank, policy, value, optimizer, scheduler, generator)
 
     # 8. the final adapter
-    finish(args, rank, params, policy, metrics_file, log)
+    report.finish(args, rank, params, policy, log)
 
 
 def cli(argv=None):
-    """main(), with bad input and the known failures ending in one line on stderr and exit status 1 (130 after
-    Ctrl-C or SIGTERM)."""
-    try:
-        main(argv)
-    except rundir.Interrupted as e:
-        print(e, file=sys.stderr)
-        return 130  # as a shell reports a process stopped by Ctrl-C
-    except (ValueError, OSError, FloatingPointError) as e:  # OSError: a full disk, a vanished file
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; a smaller --micro-batch-size lowers it and changes nothing else (gradients "
-              "are accumulated up to --step-batch-size), as does a smaller --max-new-tokens; --dry-run estimates it",
-              file=sys.stderr)
-        return 1
-    finally:
-        rundir.release()
-    return 0
+    """main(), with bad input and the known failures ending in one line on stderr (support/exits.py)."""
+    return exits.one_line(main, argv)
 
 
 if __name__ == "__main__":

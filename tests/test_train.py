@@ -18,7 +18,7 @@ import checkpoints
 import llama
 import lora
 from reward import RewardModel
-from support import config
+from support import config, data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=96, max_seq_len=256)
@@ -582,9 +582,9 @@ def test_evaluation_prompts_are_kept_whole_unless_they_cannot_be_answered(setup,
     args = train.Args(policy=str(setup / "policy"), prompts=str(setup / "prompts.json"),
                       eval_prompts=str(tmp_path / "eval.json"), max_prompt_tokens=limit, max_new_tokens=new)
     lines = []
-    _, _, kept = train.read_data(args, lines.append)
+    _, _, kept = data.read(args, lines.append)
     assert kept == records[:2]
     assert lines[-1] == (f"eval prompts: 2 of 3 from {tmp_path / 'eval.json'} (dropped 1 longer than "
                          f"{size(records[1])} tokens, which leave no room for --max-new-tokens {new})")
     with pytest.raises(ValueError, match=r"long.json: no prompt leaves room for --max-new-tokens"):
-        train.read_data(dataclasses.replace(args, eval_prompts=str(tmp_path / "long.json")), lines.append)
+        data.read(dataclasses.replace(args, eval_prompts=str(tmp_path / "long.json")), lines.append)
