@@ -7,8 +7,7 @@ One PPO step, in the paper's order:
   3. GAE          gae: advantages (whitened over valid tokens) and returns = advantages + values
   4. Eq. 2        policy_loss (clipped ratio pi_theta / pi_old) + vf_coef * value_loss (clipped)
   5. optimize     ppo_update: epochs x minibatches, gradient accumulation over distinct micro-batches
-Plain functions over tensors plus loop functions that read their knobs from `args` (train.py's Args); the train
-script owns models, devices and logging.
+Tensor functions, and loops reading their knobs from `args` (train.py's Args); train.py owns models and devices.
 Responses are right-padded: `mask` (B, N) is 1 on response tokens up to and including EOS, then 0.
 Tests: python -m pytest tests/test_ppo.py
 """
@@ -53,11 +52,8 @@ def whiten(x, mask, shift_mean=True, eps=1e-8):
 # ----------------------------------------------------------------------------- Eq. 3, GAE, Eq. 2
 
 def shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, estimator):
-    """Eq. 3: r = [0 ... 0 score] - beta * D, per response token; padding gets 0.
-
-    score (B,), logprobs/ref_logprobs (B, N) of the sampled tokens, mask (B, N). Returns rewards (B, N)
-    and the penalty D (B, N). D_t comes from divergences.ESTIMATORS[estimator](logp, logq).
-    """
+    """Eq. 3: r = [0 ... 0 score] - beta * D per response token, 0 on padding, D = divergences.ESTIMATORS[estimator].
+    score (B,), logprobs/ref_logprobs (B, N) of the sampled tokens, mask (B, N) -> rewards and penalty D (B, N)."""
     mask = mask.float()
     penalty = divergences.get_estimator(estimator)(logprobs.float(), ref_logprobs.float()) * mask   # (B, N)
     rewards = -kl_coef * penalty
@@ -67,12 +63,9 @@ def shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, estimator):
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalized advantage estimation over right-padded responses.
-
-    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1}, with V and A zero past the
-    last valid token (the episode ends there). Returns (advantages whitened over valid tokens, returns =
-    advantages + values taken before whitening), both (B, N) and 0 on padding.
-    """
+    """Generalized advantage estimation over right-padded responses: delta_t = r_t + gamma V_{t+1} - V_t,
+    A_t = delta_t + gamma lam A_{t+1}, with V and A zero past the last valid token (the episode ends there). Returns
+    (advantages whitened over valid tokens, returns = advantages + values before whitening), (B, N), 0 on padding."""
     mask = mask.to(rewards.dtype)
     B, N = rewards.shape
     adv = torch.zeros_like(rewards)
@@ -155,10 +148,9 @@ def generate_responses(policy, prompts, prompt_mask, args, eos_id, pad_id=0, gen
 
 
 def policy_and_reference(policy, ref_model, tokens, full_mask, responses, mask, P, temperature):
-    """1b. log pi_old(y_t | x, y_<t) and log pi_ref(y_t | x, y_<t) of the sampled tokens (b, N), fp32, plus
-    the exact per-token KL(pi_old || pi_ref) and the policy's entropy (b, N) over the whole vocabulary.
-    The reference is the policy with its adapters off unless a separate ref_model (maybe on another
-    device) is given."""
+    """1b. log pi_old(y_t | x, y_<t) and log pi_ref(y_t | x, y_<t) of the sampled tokens (b, N), fp32, plus the
+    exact per-token KL(pi_old || pi_ref) and the policy's entropy (b, N) over the whole vocabulary. The reference
+    is the policy with its adapters off unless a separate ref_model (maybe on another device) is given."""
     logits = response_logits(policy, tokens, full_mask, P, temperature)                        # (b, N, V)
     if ref_model is None:
         with lora.lora_disabled(policy):
@@ -179,10 +171,9 @@ def state_values(value_model, tokens, full_mask, P):
 
 def reward_score(reward_model, tokens, full_mask, eos_id=None):
     """1d. the reward-model score r(x, y) (b,), fp32, at the last real token (positions from the mask). A reward
-    model trained without EOS (score_eos false: AlpacaFarm's, whose rollout re-tokenizes the response text without
-    special tokens) reads the sequence without its final EOS, so its score is read at the token before. With one
-    device the value model is built on the reward model's own backbone: lora_disabled turns its adapters off
-    for the score (and does nothing to a reward model without adapters)."""
+    model trained without EOS (reward_model.score_eos false: AlpacaFarm's, whose rollout re-tokenizes the response
+    text without special tokens) reads the sequence without its final EOS, so at the token before. With one device
+    the value model shares the reward model's backbone: lora_disabled turns its adapters off for the score."""
     if eos_id is not None and not reward_model.score_eos:
         last = llama.last_index(full_mask)                                                          # (b,)
         ends_in_eos = tokens.gather(1, last[:, None]).squeeze(1) == eos_id
@@ -196,13 +187,11 @@ def reward_score(reward_model, tokens, full_mask, eos_id=None):
 def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, responses, mask, args, kl_coef,
                   eos_id, ref_model=None):
     """1b-d for sampled responses, then 2. Eq. 3 rewards and 3. GAE; returns (batch, stats).
-
     prompts, prompt_mask (B, P) left-padded; responses, mask (B, N) right-padded; kl_coef is the current
     beta; eos_id None = no EOS. batch holds those four and, per response token, logprobs, ref_logprobs,
     values, rewards, advantages, returns (B, N), 0 on padding; and score (B,). The models may sit on other
     devices than the prompts (tensors are moved explicitly). Every forward runs in eval mode (no dropout),
-    in micro-batches so that the (b, N, V) logits of policy and reference live only for one chunk.
-    """
+    in micro-batches so that the (b, N, V) logits of policy and reference live only for one chunk."""
     for m in (policy, value_model, reward_model, ref_model):
         if m is not None:
             m.eval()
@@ -236,10 +225,8 @@ def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, respo
                  penalty=masked_mean(penalty, fmask).item(),         # D_t per token
                  penalty_seq=penalty.sum(1).mean().item(),           # what the adaptive controller sees
                  true_kl=(true_kl * fmask).sum(1).mean().item(),     # exact KL(pi_theta || pi_ref) per sequence
-                 entropy=masked_mean(entropy, fmask).item(),
-                 response_length=fmask.sum(1).mean().item(),
-                 eos_fraction=has_eos.float().mean().item(),
-                 kl_coef=kl_coef)
+                 entropy=masked_mean(entropy, fmask).item(), response_length=fmask.sum(1).mean().item(),
+                 eos_fraction=has_eos.float().mean().item(), kl_coef=kl_coef)
     return batch, stats
 
 
