@@ -1,7 +1,7 @@
 """
 train.py's command line, built from its `@dataclass Args`: one flag per field (--kl-coef for kl_coef), its help the
 string under the field (read from the source, as CleanRL's tyro does), and RANGES, the one table of the values each
-knob may take. A value out of range ends the run with one line naming the flag.
+knob may take; and sample.py's checks of its flags. A value out of range ends the run with one line naming the flag.
 
     python train.py --help
 """
@@ -10,8 +10,11 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import textwrap
 import typing
+
+import torch
 
 import divergences
 
@@ -101,3 +104,23 @@ def check_args(args, small_world):
     if args.decay_steps is not None and args.decay_steps < args.steps:
         raise ValueError(f"--decay-steps must be at least --steps {args.steps} (the lr is 0 from --decay-steps on), "
                          f"got {args.decay_steps}")
+
+
+def check_sample_args(args):
+    """sample.py's flags in range, or one line naming the flag."""
+    for flag, ok, what in (("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, "at least 1"),
+                           ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
+                           ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
+                           ("--batch-size", args.batch_size >= 1, "at least 1"),
+                           ("--merge", args.adapter or not args.merge, "given with --adapter"),
+                           ("--input", args.prompt is not None or not args.input, "given with --prompt"),
+                           ("--out", not args.out or not os.path.isdir(args.out), "a file, not a directory")):
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise ValueError(f"{flag} must be {what}" + ("" if isinstance(value, bool) else f", got {value}"))
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device name") from None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device")
