@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoints
+import divergences
 import llama
 import lora
 from reward import RewardModel
@@ -412,9 +413,11 @@ def test_bad_input_ends_in_one_line(setup, uninterrupted, tmp_path, case, capsys
 
 def test_every_range_check_names_its_flag():
     """Each entry of support/config.py's RANGES refuses a value out of range in one message naming its flag; the
-    paper's defaults and the small world pass them all. Every field of Args has its doc (the flag's help)."""
+    paper's defaults and the small world pass them all. Every field of Args has its doc (the flag's help), and
+    --estimator's lists divergences.ESTIMATORS."""
     import train
     assert set(config.field_docs(train.Args)) == {f.name for f in dataclasses.fields(train.Args)} >= set(config.RANGES)
+    assert config.field_docs(train.Args)["estimator"].endswith(": " + ", ".join(divergences.ESTIMATORS))
     good = ["--policy", "p", "--reward", "r", "--prompts", "x"]
     config.parse(train.Args, train.WORLD, [])
     config.parse(train.Args, train.WORLD, good)
