@@ -201,11 +201,11 @@ def load_weights(model, path, prefix="", extra=None):
     return unused
 
 
-def empty_model(cls, cfg, device, dtype):
+def empty_model(cls, cfg, device, dtype, **kwargs):
     """Build on the meta device, then allocate once in `dtype` on `device`: a 7B checkpoint never needs twice
     its size in memory. The weights are uninitialized until loaded."""
     with torch.device("meta"):
-        model = cls(cfg)
+        model = cls(cfg, **kwargs)
     return model.to(dtype).to_empty(device=device)
 
 
@@ -322,10 +322,9 @@ def load_reward_model(path, device="cpu", dtype=torch.float32, backbone_path=Non
         backbone_path = backbone_path or c.get("backbone_model_name_or_path")
         formats.check_backbone(path, backbone_path)
         cfg = read_config(backbone_path)
-    model = empty_model(RewardModel, cfg, device, dtype)
+    model = empty_model(RewardModel, cfg, device, dtype, score_eos=c.get("score_eos", False))
     head = {f"reward_head.{n}": p for n, p in model.reward_head.named_parameters()}
     formats.refuse_unused(path, load_weights(model.backbone, path, RM_PREFIX, head), "a reward model")
-    model.score_eos = c.get("score_eos", False)
     return model
 
 

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from support import cudagraph
+
 
 @dataclass
 class LlamaConfig:
@@ -77,8 +79,7 @@ def rotary_frequencies(head_dim, theta, scaling=None, device=None):
         llama3  by wavelength 2 pi / theta_i against L = original_max_position_embeddings: shorter than
                 L / high_freq_factor kept, longer than L / low_freq_factor divided by factor, in between blended
                 with s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor):
-                (1 - s) theta_i / factor + s theta_i (LLaMA 3.1; Meta's apply_scaling in llama-models)
-    """
+                (1 - s) theta_i / factor + s theta_i (LLaMA 3.1; Meta's apply_scaling in llama-models)"""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)  # (head_dim/2,)
     kind = (scaling or {}).get("rope_type", "default")
     if kind == "linear":
@@ -131,8 +132,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.dim // cfg.n_heads
         assert self.n_heads % self.n_kv_heads == 0, \
             f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
@@ -245,8 +245,7 @@ def sample_top_p(probs, top_p, generator=None):
     # nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # mass before this token already >= top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # multinomial renormalizes
+    choice = torch.multinomial(sorted_probs.masked_fill(outside, 0.0), 1, generator=generator)  # it renormalizes
     return order.gather(-1, choice).squeeze(-1)
 
 
@@ -280,40 +279,17 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_p=1.0, eo
         if t == max_new_tokens - 1 or done.all():
             break
         if cuda_graph and t == 0:
-            step = capture(step, next_token[:, None], start)
+            step = cudagraph.capture(step, next_token[:, None], start)
         # finished rows keep decoding their (valid) samples; those are masked out above and never returned
         logits = step(next_token[:, None], start)
         start += 1
     return torch.stack(out, 1), torch.stack(out_mask, 1).long()
 
 
-def capture(fn, *args):
-    """fn recorded as a CUDA graph: the function returned copies its arguments into the recorded inputs and
-    replays fn's kernels in one launch. The graph holds exactly the eager kernels (tested token for token); the
-    sampling, whose random numbers a graph would freeze, stays outside. The warm-up runs fn once on args."""
-    inputs = [a.clone() for a in args]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (cuBLAS handles, attention plans) on a side stream, as capture asks
-        fn(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn(*inputs)
-
-    def replay(*args):
-        for x, a in zip(inputs, args):
-            x.copy_(a)
-        graph.replay()
-        return output  # overwritten by the next replay
-    return replay
-
-
 def last_index(mask):
     """Index of the last 1 in each row of a (B, T) mask (the EOS, or the last token of a cut-off response)."""
     assert (mask.sum(-1) > 0).all(), "every sequence needs at least one real token"
-    T = mask.shape[-1]
-    return (mask.long() * torch.arange(1, T + 1, device=mask.device)).argmax(-1)  # (B,)
+    return (mask.long() * torch.arange(1, mask.shape[-1] + 1, device=mask.device)).argmax(-1)  # (B,)
 
 
 # ----------------------------------------------------------------------------- tokenizer and prompt template
@@ -332,8 +308,7 @@ class Tokenizer:
                     if re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head) else "cannot be parsed")
             raise ValueError(f"{model_path} {what}; expected a sentencepiece model (the tokenizer.model of "
                              f"LLaMA-1/2 and AlpacaFarm)") from None
-        self.n_words = self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0  # LLaMA has none; masks make any id safe
 
     def encode(self, text, bos=True, eos=False):

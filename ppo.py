@@ -7,13 +7,10 @@ One PPO step, in the paper's order:
   3. GAE          gae: advantages (whitened over valid tokens) and returns = advantages + values
   4. Eq. 2        policy_loss (clipped ratio pi_theta / pi_old) + vf_coef * value_loss (clipped)
   5. optimize     ppo_update: epochs x minibatches, gradient accumulation over distinct micro-batches
-Plain functions over tensors plus two loop functions; the train script owns models, devices and logging.
+Tensor functions, and loops reading their knobs from `args` (train.py's Args); train.py owns models and devices.
 Responses are right-padded: `mask` (B, N) is 1 on response tokens up to and including EOS, then 0.
 Tests: python -m pytest tests/test_ppo.py
 """
-import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
@@ -21,54 +18,6 @@ import divergences
 import llama
 import lora
 from divergences import masked_mean
-
-
-def knob(default, help, valid=None):
-    """A config field with its one-line doc (shown by train.py --help) and the values it may take, valid =
-    (test, what they are): train.py ends a run given any other value with one line naming the flag."""
-    return field(default=default, metadata={"help": help, "valid": valid})
-
-
-AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
-POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
-
-
-@dataclass
-class PPOConfig:
-    """The PPO knobs, with the paper's defaults; train.py's Args adds the run's own to these."""
-    # Eq. 3: per-token reward r_t = -kl_coef * D_t, plus the reward-model score at the last token
-    kl_coef: float = knob(0.02, "beta in Eq. 3 (0 = no regularization)",
-                          (NON_NEGATIVE[0], "a finite number >= 0 (--estimator negative_kl rewards divergence)"))
-    estimator: str = knob("kl", "the divergence penalty D in Eq. 3: " + ", ".join(divergences.ESTIMATORS))
-    adaptive_kl: bool = knob(False, "AlpacaFarm's adaptive beta controller (off in the paper)")
-    kl_target: float = knob(6.0, "target of the per-sequence penalty sum (adaptive controller only)", POSITIVE)
-    k_beta: float = knob(0.1, "controller gain: beta *= 1 + k_beta * clip(KL / target - 1, -0.2, 0.2)",
-                         NON_NEGATIVE)
-    no_eos_penalty: float | None = knob(None, "score given to responses that never emit EOS (e.g. -1; off)",
-                                        (lambda v: v is None or math.isfinite(v), "a finite number"))
-    whiten_rewards: bool = knob(True, "scale shaped rewards by their std, keeping the mean (as the reference)")
-    # GAE (Schulman et al. 2016)
-    gamma: float = knob(1.0, "discount", UNIT)
-    lam: float = knob(0.95, "GAE lambda (upstream AlpacaFarm: 1.0)", UNIT)
-    # Eq. 2 and the value loss
-    cliprange: float = knob(0.2, "epsilon of the clipped ratio in Eq. 2", POSITIVE)
-    cliprange_value: float = knob(0.2, "clip range of the value loss", POSITIVE)
-    vf_coef: float = knob(0.1, "weight of the value loss", NON_NEGATIVE)
-    # optimization phase
-    ppo_epochs: int = knob(2, "passes over each rollout", AT_LEAST_1)
-    step_batch_size: int = knob(128, "samples per optimizer step", AT_LEAST_1)
-    micro_batch_size: int = knob(16, "samples per forward/backward (gradients accumulate to the step batch)",
-                                 AT_LEAST_1)
-    max_grad_norm: float = knob(1.0, "gradient-norm clip, joint over policy + value", POSITIVE)
-    # rollout generation
-    max_new_tokens: int = knob(300, "response length limit", AT_LEAST_1)
-    temperature: float = knob(1.0, "sampling temperature of rollouts", (NON_NEGATIVE[0], "a finite number >= 0 "
-                                                                                         "(0 = greedy)"))
-    top_p: float = knob(1.0, "nucleus sampling mass of rollouts", (lambda v: 0 < v <= 1, "in (0, 1]"))
-    generate_batch_size: int = knob(64, "prompts per generate call (decoding is memory-light)", AT_LEAST_1)
-    cuda_graph: bool = knob(True, "on a CUDA device, replay each decoding step of the rollouts as a CUDA graph")
 
 
 # ----------------------------------------------------------------------------- tensor helpers
@@ -85,10 +34,10 @@ def entropy_from_logits(logits):
     return -(logp.exp() * logp).sum(-1)                                   # (B, N)
 
 
-# The reference computes these statistics over padded positions too, so the many zeros after EOS pull
+# AlpacaFarm computes these statistics over padded positions too, so the many zeros after EOS pull
 # the mean and variance; here every statistic is over valid tokens only (masked_mean from divergences.py).
 def masked_var(x, mask):
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)             # biased, like the reference
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)             # biased, like AlpacaFarm's
 
 
 def whiten(x, mask, shift_mean=True, eps=1e-8):
@@ -103,11 +52,8 @@ def whiten(x, mask, shift_mean=True, eps=1e-8):
 # ----------------------------------------------------------------------------- Eq. 3, GAE, Eq. 2
 
 def shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, estimator):
-    """Eq. 3: r = [0 ... 0 score] - beta * D, per response token; padding gets 0.
-
-    score (B,), logprobs/ref_logprobs (B, N) of the sampled tokens, mask (B, N). Returns rewards (B, N)
-    and the penalty D (B, N). D_t comes from divergences.ESTIMATORS[estimator](logp, logq).
-    """
+    """Eq. 3: r = [0 ... 0 score] - beta * D per response token, 0 on padding, D = divergences.ESTIMATORS[estimator].
+    score (B,), logprobs/ref_logprobs (B, N) of the sampled tokens, mask (B, N) -> rewards and penalty D (B, N)."""
     mask = mask.float()
     penalty = divergences.get_estimator(estimator)(logprobs.float(), ref_logprobs.float()) * mask   # (B, N)
     rewards = -kl_coef * penalty
@@ -117,12 +63,9 @@ def shape_rewards(score, logprobs, ref_logprobs, mask, kl_coef, estimator):
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalized advantage estimation over right-padded responses.
-
-    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1}, with V and A zero past the
-    last valid token (the episode ends there). Returns (advantages whitened over valid tokens, returns =
-    advantages + values taken before whitening), both (B, N) and 0 on padding.
-    """
+    """Generalized advantage estimation over right-padded responses: delta_t = r_t + gamma V_{t+1} - V_t,
+    A_t = delta_t + gamma lam A_{t+1}, with V and A zero past the last valid token (the episode ends there). Returns
+    (advantages whitened over valid tokens, returns = advantages + values before whitening), (B, N), 0 on padding."""
     mask = mask.to(rewards.dtype)
     B, N = rewards.shape
     adv = torch.zeros_like(rewards)
@@ -163,12 +106,12 @@ def value_loss(vpred, old_values, returns, mask, cliprange_value):
     return loss, stats
 
 
-def update_kl_coef(kl_coef, kl, cfg):
+def update_kl_coef(kl_coef, kl, args):
     """AlpacaFarm's adaptive controller, once per PPO step; kl = mean per-sequence divergence."""
-    if not cfg.adaptive_kl:
+    if not args.adaptive_kl:
         return kl_coef
-    error = min(max(kl / cfg.kl_target - 1.0, -0.2), 0.2)
-    return kl_coef * (1.0 + cfg.k_beta * error)
+    error = min(max(kl / args.kl_target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + args.k_beta * error)
 
 
 # ----------------------------------------------------------------------------- 1. rollout
@@ -188,15 +131,15 @@ def response_logits(model, tokens, mask, P, temperature):
 
 
 @torch.no_grad()
-def generate_responses(policy, prompts, prompt_mask, cfg, eos_id, pad_id=0, generator=None):
-    """1a. y ~ pi_theta(. | x) for left-padded prompts (B, P), in chunks of cfg.generate_batch_size.
+def generate_responses(policy, prompts, prompt_mask, args, eos_id, pad_id=0, generator=None):
+    """1a. y ~ pi_theta(. | x) for left-padded prompts (B, P), in chunks of args.generate_batch_size.
     Returns responses (B, N) right-padded to the longest, and their mask (B, N)."""
     policy.eval()                                                         # no LoRA dropout while sampling
-    chunks = [llama.generate(policy, prompts[i:i + cfg.generate_batch_size],
-                             prompt_mask[i:i + cfg.generate_batch_size], cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
-                             generator=generator, cuda_graph=cfg.cuda_graph and prompts.device.type == "cuda")
-              for i in range(0, prompts.shape[0], cfg.generate_batch_size)]
+    chunks = [llama.generate(policy, prompts[i:i + args.generate_batch_size],
+                             prompt_mask[i:i + args.generate_batch_size], args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, eos_id=eos_id, pad_id=pad_id,
+                             generator=generator, cuda_graph=args.cuda_graph and prompts.device.type == "cuda")
+              for i in range(0, prompts.shape[0], args.generate_batch_size)]
     N = max(out.shape[1] for out, _ in chunks)
     responses = torch.cat([F.pad(o, (0, N - o.shape[1]), value=pad_id) for o, _ in chunks])    # (B, N)
     mask = torch.cat([F.pad(m, (0, N - m.shape[1]), value=0) for _, m in chunks])              # (B, N)
@@ -205,10 +148,9 @@ def generate_responses(policy, prompts, prompt_mask, cfg, eos_id, pad_id=0, gene
 
 
 def policy_and_reference(policy, ref_model, tokens, full_mask, responses, mask, P, temperature):
-    """1b. log pi_old(y_t | x, y_<t) and log pi_ref(y_t | x, y_<t) of the sampled tokens (b, N), fp32, plus
-    the exact per-token KL(pi_old || pi_ref) and the policy's entropy (b, N) over the whole vocabulary.
-    The reference is the policy with its adapters off unless a separate ref_model (maybe on another
-    device) is given."""
+    """1b. log pi_old(y_t | x, y_<t) and log pi_ref(y_t | x, y_<t) of the sampled tokens (b, N), fp32, plus the
+    exact per-token KL(pi_old || pi_ref) and the policy's entropy (b, N) over the whole vocabulary. The reference
+    is the policy with its adapters off unless a separate ref_model (maybe on another device) is given."""
     logits = response_logits(policy, tokens, full_mask, P, temperature)                        # (b, N, V)
     if ref_model is None:
         with lora.lora_disabled(policy):
@@ -229,11 +171,10 @@ def state_values(value_model, tokens, full_mask, P):
 
 def reward_score(reward_model, tokens, full_mask, eos_id=None):
     """1d. the reward-model score r(x, y) (b,), fp32, at the last real token (positions from the mask). A reward
-    model trained without EOS (score_eos false: AlpacaFarm's, whose rollout re-tokenizes the response text without
-    special tokens) reads the sequence without its final EOS, so its score is read at the token before. With one
-    device the value model is built on the reward model's own backbone: lora_disabled turns its adapters off
-    for the score (and does nothing to a reward model without adapters)."""
-    if eos_id is not None and not getattr(reward_model, "score_eos", True):
+    model trained without EOS (reward_model.score_eos false: AlpacaFarm's, whose rollout re-tokenizes the response
+    text without special tokens) reads the sequence without its final EOS, so at the token before. With one device
+    the value model shares the reward model's backbone: lora_disabled turns its adapters off for the score."""
+    if eos_id is not None and not reward_model.score_eos:
         last = llama.last_index(full_mask)                                                          # (b,)
         ends_in_eos = tokens.gather(1, last[:, None]).squeeze(1) == eos_id
         full_mask = full_mask.masked_fill(F.one_hot(last, tokens.shape[1]).bool() & ends_in_eos[:, None], 0)
@@ -243,16 +184,14 @@ def reward_score(reward_model, tokens, full_mask, eos_id=None):
 
 
 @torch.no_grad()
-def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, responses, mask, cfg, kl_coef,
+def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, responses, mask, args, kl_coef,
                   eos_id, ref_model=None):
     """1b-d for sampled responses, then 2. Eq. 3 rewards and 3. GAE; returns (batch, stats).
-
     prompts, prompt_mask (B, P) left-padded; responses, mask (B, N) right-padded; kl_coef is the current
     beta; eos_id None = no EOS. batch holds those four and, per response token, logprobs, ref_logprobs,
     values, rewards, advantages, returns (B, N), 0 on padding; and score (B,). The models may sit on other
     devices than the prompts (tensors are moved explicitly). Every forward runs in eval mode (no dropout),
-    in micro-batches so that the (b, N, V) logits of policy and reference live only for one chunk.
-    """
+    in micro-batches so that the (b, N, V) logits of policy and reference live only for one chunk."""
     for m in (policy, value_model, reward_model, ref_model):
         if m is not None:
             m.eval()
@@ -260,23 +199,23 @@ def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, respo
     tokens = torch.cat([prompts, responses], 1)                                                # (B, P+N)
     full_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
     parts = []
-    for i in range(0, prompts.shape[0], cfg.micro_batch_size):
-        s = slice(i, i + cfg.micro_batch_size)
+    for i in range(0, prompts.shape[0], args.micro_batch_size):
+        s = slice(i, i + args.micro_batch_size)
         parts.append((*policy_and_reference(policy, ref_model, tokens[s], full_mask[s], responses[s], mask[s], P,
-                                            cfg.temperature),                                # 1b.
+                                            args.temperature),                                # 1b.
                       state_values(value_model, tokens[s], full_mask[s], P),                # 1c.
                       reward_score(reward_model, tokens[s], full_mask[s], eos_id)))         # 1d.
     logprobs, ref_logprobs, true_kl, entropy, values, score = (torch.cat(x) for x in zip(*parts))
     raw_score, fmask = score, mask.float()
     has_eos = ((responses == eos_id) & mask.bool()).any(1) if eos_id is not None else torch.zeros_like(score).bool()
-    if cfg.no_eos_penalty is not None:       # responses that never stopped get a fixed, bad score
-        score = torch.where(has_eos, score, torch.full_like(score, cfg.no_eos_penalty))
+    if args.no_eos_penalty is not None:       # responses that never stopped get a fixed, bad score
+        score = torch.where(has_eos, score, torch.full_like(score, args.no_eos_penalty))
 
-    # 2. Eq. 3 shaped rewards, optionally scaled by their std (mean kept), as the reference
-    shaped, penalty = shape_rewards(score, logprobs, ref_logprobs, fmask, kl_coef, cfg.estimator)
-    rewards = whiten(shaped, fmask, shift_mean=False) if cfg.whiten_rewards else shaped
+    # 2. Eq. 3 shaped rewards, optionally scaled by their std (mean kept), as AlpacaFarm
+    shaped, penalty = shape_rewards(score, logprobs, ref_logprobs, fmask, kl_coef, args.estimator)
+    rewards = whiten(shaped, fmask, shift_mean=False) if args.whiten_rewards else shaped
     # 3. GAE; returns before, advantages after whitening
-    advantages, returns = gae(rewards, values * fmask, fmask, cfg.gamma, cfg.lam)
+    advantages, returns = gae(rewards, values * fmask, fmask, args.gamma, args.lam)
 
     batch = dict(prompts=prompts, prompt_mask=prompt_mask, responses=responses, mask=mask,
                  logprobs=logprobs * fmask, ref_logprobs=ref_logprobs * fmask, values=values * fmask,
@@ -286,24 +225,26 @@ def score_rollout(policy, value_model, reward_model, prompts, prompt_mask, respo
                  penalty=masked_mean(penalty, fmask).item(),         # D_t per token
                  penalty_seq=penalty.sum(1).mean().item(),           # what the adaptive controller sees
                  true_kl=(true_kl * fmask).sum(1).mean().item(),     # exact KL(pi_theta || pi_ref) per sequence
-                 entropy=masked_mean(entropy, fmask).item(),
-                 response_length=fmask.sum(1).mean().item(),
-                 eos_fraction=has_eos.float().mean().item(),
-                 kl_coef=kl_coef)
+                 entropy=masked_mean(entropy, fmask).item(), response_length=fmask.sum(1).mean().item(),
+                 eos_fraction=has_eos.float().mean().item(), kl_coef=kl_coef)
     return batch, stats
 
 
 # ----------------------------------------------------------------------------- 5. optimization phase
 
-def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads=None, generator=None):
-    """cfg.ppo_epochs passes over the rollout in shuffled step batches of cfg.step_batch_size distinct samples,
-    one optimizer step each; returns the stats averaged over the steps. A step batch is accumulated over
-    micro-batches, each loss weighted by its share of the step batch's valid tokens, so the gradient is that of
-    the token mean over the step batch (the reference back-propagates one 16-sample minibatch several times
-    without dividing). sync_grads, if given, runs before clipping (e.g. an all-reduce: the mean of the ranks' token
-    means, each rank whitened on its own). The scheduler steps once per call, i.e. once per PPO step, as in
-    AlpacaFarm. One function, as CleanRL's update, so that the three loops (epochs, step batches, micro-batches)
-    read together."""
+def explained_variance(returns, values, mask):
+    """How much of the variance of the returns the values explain (1 = perfect, <= 0 = none), over valid tokens."""
+    var_returns = masked_var(returns, mask)
+    return (1.0 - masked_var(returns - values, mask) / var_returns).item() if var_returns > 0 else float("nan")
+
+
+def ppo_update(policy, value_model, optimizer, scheduler, batch, args, sync_grads=None, generator=None):
+    """args.ppo_epochs passes over the rollout in shuffled step batches of args.step_batch_size distinct samples,
+    one optimizer step each, accumulated over micro-batches weighted by their share of the step batch's valid tokens:
+    the gradient of the token mean over the step batch (AlpacaFarm back-propagates one 16-sample minibatch several
+    times without dividing). sync_grads, if given, runs before clipping (e.g. an all-reduce: the mean of the ranks'
+    token means, each rank whitened on its own). The scheduler steps once per call (per PPO step, as AlpacaFarm).
+    Returns the stats averaged over the steps. One function, as CleanRL's update: the three loops read together."""
     policy.train()
     value_model.train()
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
@@ -311,61 +252,49 @@ def ppo_update(policy, value_model, optimizer, scheduler, batch, cfg, sync_grads
     tokens = torch.cat([batch["prompts"], batch["responses"]], 1)                          # (B, P+N)
     full_mask = torch.cat([batch["prompt_mask"], batch["mask"].to(batch["prompt_mask"].dtype)], 1)
     fmask = batch["mask"].float()
-    B = tokens.shape[0]
     sums, n_steps = {}, 0
-    for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=generator).to(dev)
-        for start in range(0, B, cfg.step_batch_size):
-            idx = perm[start:start + cfg.step_batch_size]
-            n_tokens = fmask[idx].sum()
+    for epoch in range(args.ppo_epochs):
+        perm = torch.randperm(tokens.shape[0], generator=generator).to(dev)
+        for start in range(0, tokens.shape[0], args.step_batch_size):
+            idx = perm[start:start + args.step_batch_size]
             optimizer.zero_grad(set_to_none=True)
-            step_stats, bad_loss = {}, None
-            for mstart in range(0, len(idx), cfg.micro_batch_size):
-                mb = idx[mstart:mstart + cfg.micro_batch_size]
+            step_stats = {}
+            for mstart in range(0, len(idx), args.micro_batch_size):
+                mb = idx[mstart:mstart + args.micro_batch_size]
                 mb_mask = fmask[mb]
-                weight = mb_mask.sum() / n_tokens                 # share of the step batch's valid tokens
+                weight = mb_mask.sum() / fmask[idx].sum()               # share of the step batch's valid tokens
                 # log pi_theta(y_t) and V(x, y_<t) under the current parameters (dropout on)
-                logits = response_logits(policy, tokens[mb], full_mask[mb], P, cfg.temperature)  # (b, N, V)
+                logits = response_logits(policy, tokens[mb], full_mask[mb], P, args.temperature)  # (b, N, V)
                 mb_logprobs = logprobs_from_logits(logits, batch["responses"][mb])
                 vpred = state_values(value_model, tokens[mb], full_mask[mb], P)                  # (b, N)
                 # 4. Eq. 2 and the clipped value loss
                 pg_loss, pg_stats = policy_loss(mb_logprobs, batch["logprobs"][mb], batch["advantages"][mb],
-                                                mb_mask, cfg.cliprange)
+                                                mb_mask, args.cliprange)
                 vf_loss, vf_stats = value_loss(vpred, batch["values"][mb], batch["returns"][mb], mb_mask,
-                                               cfg.cliprange_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if not torch.isfinite(loss) and bad_loss is None:
-                    bad_loss = f"loss is {loss.item()} in the micro-batch starting at {mstart}"
-                # a non-finite loss still back-propagates: its NaN gradients reach every rank through
-                # sync_grads, so all ranks stop at the same check below instead of hanging in a collective
-                (loss * weight).backward()
+                                               args.cliprange_value)
+                loss = pg_loss + args.vf_coef * vf_loss
+                (loss * weight).backward()  # a non-finite loss makes the gradient norm below non-finite too
                 with torch.no_grad():
                     ent = masked_mean(entropy_from_logits(logits), mb_mask).item()
                 del logits
-                w = weight.item()
                 for k, v in dict(loss=loss.item(), pg_loss=pg_loss.item(), vf_loss=vf_loss.item(),
                                  entropy=ent, **pg_stats, **vf_stats).items():
-                    step_stats[k] = step_stats.get(k, 0.0) + w * v
-            # 5. one optimizer step on the step batch: (all-reduce), joint clip, update
+                    step_stats[k] = step_stats.get(k, 0.0) + weight.item() * v
+            # 5. one optimizer step on the step batch: (all-reduce), joint clip, update. A NaN reaches every
+            # rank through sync_grads, so all ranks stop at this one check instead of hanging in a collective
             if sync_grads is not None:
                 sync_grads()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            if not math.isfinite(grad_norm) or bad_loss is not None:
-                raise FloatingPointError(f"ppo_update: {bad_loss or 'gradient norm is ' + str(grad_norm)} at "
-                                         f"epoch {epoch}, optimizer step {n_steps}")
-            step_stats["grad_norm"] = grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"ppo_update: gradient norm is {grad_norm.item()} (loss "
+                                         f"{step_stats['loss']}) at epoch {epoch}, optimizer step {n_steps}")
             optimizer.step()
             n_steps += 1
-            for k, v in step_stats.items():
+            for k, v in dict(step_stats, grad_norm=grad_norm.item()).items():
                 sums[k] = sums.get(k, 0.0) + v
     if not all(torch.isfinite(p).all() for p in params):  # e.g. an overflow in Adam's moments
         raise FloatingPointError("ppo_update: trainable weights are not finite after the update")
-    stats = {k: v / n_steps for k, v in sums.items()}
-    stats["lr"] = optimizer.param_groups[0]["lr"]
+    stats = {k: v / n_steps for k, v in sums.items()} | dict(lr=optimizer.param_groups[0]["lr"])
     if scheduler is not None:
         scheduler.step()
-    # how much of the variance of the returns the rollout's values explain (1 = perfect, <= 0 = none)
-    var_returns = masked_var(batch["returns"], fmask)
-    stats["explained_variance"] = (1.0 - masked_var(batch["returns"] - batch["values"], fmask)
-                                   / var_returns).item() if var_returns > 0 else float("nan")
-    return stats
+    return stats | dict(explained_variance=explained_variance(batch["returns"], batch["values"], fmask))

@@ -26,13 +26,12 @@ import lora
 
 
 class RewardModel(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, score_eos=True):
         super().__init__()
         self.backbone = llama.Llama(cfg)     # keeps its LM head (unused) so AlpacaFarm files round-trip
         self.reward_head = nn.Linear(cfg.dim, 1)
         nn.init.zeros_(self.reward_head.bias)
-        # trained on sequences ending in EOS (ours) or without it (AlpacaFarm's); ppo.reward_score reads it
-        self.score_eos = True
+        self.score_eos = score_eos  # trained with a final EOS (ours) or without (AlpacaFarm's): ppo.reward_score
 
     def forward(self, tokens, mask=None):
         """tokens, mask (B, T) -> score (B,) in fp32."""
@@ -92,13 +91,10 @@ def preference_accuracy(model, pairs, batch_size=8, pad_id=0):
 def train_reward_model(model, train_pairs, eval_pairs, epochs=1, lr=1e-5, batch_size=8, pad_id=0, seed=0,
                        log=None):
     """Fit a RewardModel on preference pairs with the Bradley-Terry loss; returns held-out accuracy.
-
-    train_pairs / eval_pairs: lists of (chosen, rejected), each a list of token ids of prompt + response
-    (tokenized by the caller, e.g. world/build.py). The model stays on its device. Every parameter with
-    requires_grad is trained: pass the model as is for a full fine-tune, or call
-    lora.add_lora(model.backbone, ...) first for LoRA (the reward head stays trainable). AdamW, no weight
-    decay, constant lr. log: optional callable receiving one line per epoch.
-    """
+    train_pairs / eval_pairs: lists of (chosen, rejected), each a list of token ids of prompt + response (tokenized
+    by the caller, e.g. world/build.py). The model stays on its device. Every parameter with requires_grad is
+    trained: the model as is for a full fine-tune, or after lora.add_lora(model.backbone, ...) for LoRA (the reward
+    head stays trainable). AdamW, no weight decay, constant lr. log: optional callable getting a line per epoch."""
     if not train_pairs or not eval_pairs:
         raise ValueError(f"train_reward_model: need training and held-out pairs, got {len(train_pairs)} "
                          f"and {len(eval_pairs)}")

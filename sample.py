@@ -16,7 +16,6 @@ adapter (ours or one trained with PEFT on the same base); --merge folds it into 
 import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
 
 import argparse
-import math
 import os
 import sys
 
@@ -26,6 +25,7 @@ import checkpoints
 import ppo
 from llama import Tokenizer, alpaca_prompt, generate, left_pad
 from lora import count_parameters, merge_lora
+from support import config
 
 
 def parse_args(argv=None):
@@ -48,22 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="PEFT LoRA adapter directory (adapter_config.json + weights) for --checkpoint")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the weights before sampling")
     args = p.parse_args(argv)
-    for flag, ok, what in (("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, "at least 1"),
-                           ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
-                           ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
-                           ("--batch-size", args.batch_size >= 1, "at least 1"),
-                           ("--merge", args.adapter or not args.merge, "given with --adapter"),
-                           ("--input", args.prompt is not None or not args.input, "given with --prompt"),
-                           ("--out", not args.out or not os.path.isdir(args.out), "a file, not a directory")):
-        if not ok:
-            value = getattr(args, flag[2:].replace("-", "_"))
-            raise ValueError(f"{flag} must be {what}" + ("" if isinstance(value, bool) else f", got {value}"))
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device name") from None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA device")
+    config.check_sample_args(args)
     return args
 
 

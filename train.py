@@ -14,62 +14,130 @@ OUT/checkpoint (for --resume), OUT/adapter (the final policy adapter, PEFT layou
 """
 import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
 
-import argparse
 import dataclasses
 import os
 import sys
 import time
-import typing
 
 import torch
 import torch.distributed as dist
 
 import checkpoints
-import divergences
 import llama
 import lora
 import ppo
-import sample
-from ppo import AT_LEAST_1, POSITIVE, knob
 from reward import ValueModel
-from support import plan, rundir
+from support import config, data, exits, plan, report, rundir
 
 
 @dataclasses.dataclass
-class Args(ppo.PPOConfig):
-    """Every knob of a run, with the paper's default; the PPO knobs (Eq. 2, Eq. 3, GAE) come from ppo.PPOConfig."""
-    policy: str | None = knob(None, "SFT checkpoint (Hugging Face or Meta layout); without --policy, --reward "
-                                    "and --prompts the built-in small world is built and used")
-    reward: str | None = knob(None, "reward-model checkpoint (AlpacaFarm layout)")
-    prompts: str | None = knob(None, "PPO prompts: a JSON list or JSONL of {instruction, input} records")
-    eval_prompts: str | None = knob(None, "held-out prompts; greedy outputs are written as AlpacaEval JSON")
-    tokenizer: str | None = knob(None, "tokenizer.model (default: the one in --policy)")
-    max_prompt_tokens: int = knob(192, "longer prompts are dropped, as in the reference", AT_LEAST_1)
-    lora_rank: int = knob(8, "k in Eq. 1, for the policy and the value model", AT_LEAST_1)
-    lora_alpha: float = knob(64.0, "alpha in Eq. 1 (the LoRA update is scaled by alpha / k)", POSITIVE)
-    lora_dropout: float = knob(0.1, "dropout on the LoRA path", (lambda v: 0 <= v < 1, "in [0, 1)"))
-    lr: float = knob(1e-5, "AdamW learning rate (betas 0.9, 0.999, eps 1e-5, no weight decay)", POSITIVE)
-    warmup_steps: int = knob(5, "linear warm-up from lr / warmup_steps over these PPO steps, then linear decay to 0 at "
-                                "--decay-steps", (lambda v: v >= 0, "at least 0"))
-    decay_steps: int | None = knob(780, "the step at which the decayed lr reaches 0: the paper's whole configured "
-                                        "schedule, 10 epochs x ~20k prompts / 256, of which it ran 100 (None: --steps)")
-    steps: int = knob(100, "PPO steps", AT_LEAST_1)
-    rollout_batch_size: int = knob(256, "prompts rolled out per PPO step, over all ranks", AT_LEAST_1)
-    eval_every: int = knob(20, "evaluate on --eval-prompts every this many steps", AT_LEAST_1)
-    save_every: int = knob(10, "write OUT/checkpoint every this many steps", AT_LEAST_1)
-    devices: str | None = knob(None, "policy device[,frozen-models device], e.g. cuda:0,cuda:1 (default: GPUs, "
-                                     "else cpu)")
-    out: str = knob("out/run", "output directory")
-    seed: int = knob(0, "PPO seed (sampling, dropout, LoRA init)")
-    resume: bool = knob(False, "continue from OUT/checkpoint")
-    dry_run: bool = knob(False, "print the placement and memory plan without allocating")
-    preset: str | None = knob(None, "with --dry-run: a llama.PRESETS name instead of checkpoints (e.g. llama-7b)")
-    world_dir: str = knob(".world", "where the built-in small world is built")
-    world_seed: int = knob(0, "the small world's seed (its SFT and reward models); PPO seeds vary with --seed, as "
-                              "the paper's three runs share one SFT model")
-    activation_checkpointing: bool | None = knob(None, "recompute each block in backward instead of keeping its "
-                                                     "activations (default: on where the plan says the update "
-                                                     "would not fit the CUDA device without it)")
+class Args:
+    """Every knob of a run, with the paper's default: one field each, its one-line doc under it (shown by --help).
+    The ranges they may take are support/config.py's RANGES; presets are dataclasses.replace of Args()."""
+    # Eq. 3: per-token reward r_t = -kl_coef * D_t, plus the reward-model score at the last token
+    kl_coef: float = 0.02
+    """beta in Eq. 3 (0 = no regularization)"""
+    estimator: str = "kl"
+    """the divergence penalty D in Eq. 3: kl, clamped_kl, bregman, squared, js, js_unbiased, none, negative_kl"""
+    adaptive_kl: bool = False
+    """AlpacaFarm's adaptive beta controller (off in the paper)"""
+    kl_target: float = 6.0
+    """target of the per-sequence penalty sum (adaptive controller only)"""
+    k_beta: float = 0.1
+    """controller gain: beta *= 1 + k_beta * clip(KL / target - 1, -0.2, 0.2)"""
+    no_eos_penalty: float | None = None
+    """score given to responses that never emit EOS (e.g. -1; off)"""
+    whiten_rewards: bool = True
+    """scale shaped rewards by their std, keeping the mean (as AlpacaFarm)"""
+    # GAE (Schulman et al. 2016)
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda (upstream AlpacaFarm: 1.0)"""
+    # Eq. 2 and the value loss
+    cliprange: float = 0.2
+    """epsilon of the clipped ratio in Eq. 2"""
+    cliprange_value: float = 0.2
+    """clip range of the value loss"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    # optimization phase
+    ppo_epochs: int = 2
+    """passes over each rollout"""
+    step_batch_size: int = 128
+    """samples per optimizer step"""
+    micro_batch_size: int = 16
+    """samples per forward/backward (gradients accumulate to the step batch)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip, joint over policy + value"""
+    # rollout generation
+    max_new_tokens: int = 300
+    """response length limit"""
+    temperature: float = 1.0
+    """sampling temperature of rollouts"""
+    top_p: float = 1.0
+    """nucleus sampling mass of rollouts"""
+    generate_batch_size: int = 64
+    """prompts per generate call (decoding is memory-light)"""
+    cuda_graph: bool = True
+    """on a CUDA device, replay each decoding step of the rollouts as a CUDA graph"""
+    # models and data
+    policy: str | None = None
+    """SFT checkpoint (Hugging Face or Meta layout); without --policy, --reward and --prompts the built-in small
+    world is built and used"""
+    reward: str | None = None
+    """reward-model checkpoint (AlpacaFarm layout)"""
+    prompts: str | None = None
+    """PPO prompts: a JSON list or JSONL of {instruction, input} records"""
+    eval_prompts: str | None = None
+    """held-out prompts; greedy outputs are written as AlpacaEval JSON"""
+    tokenizer: str | None = None
+    """tokenizer.model (default: the one in --policy)"""
+    max_prompt_tokens: int = 192
+    """longer prompts are dropped, as in AlpacaFarm"""
+    # LoRA (Eq. 1) and the optimizer
+    lora_rank: int = 8
+    """k in Eq. 1, for the policy and the value model"""
+    lora_alpha: float = 64.0
+    """alpha in Eq. 1 (the LoRA update is scaled by alpha / k)"""
+    lora_dropout: float = 0.1
+    """dropout on the LoRA path"""
+    lr: float = 1e-5
+    """AdamW learning rate (betas 0.9, 0.999, eps 1e-5, no weight decay)"""
+    warmup_steps: int = 5
+    """linear warm-up from lr / warmup_steps over these PPO steps, then linear decay to 0 at --decay-steps"""
+    decay_steps: int | None = 780
+    """the step at which the decayed lr reaches 0: the paper's whole configured schedule, 10 epochs x ~20k prompts
+    / 256, of which it ran 100 (None: --steps)"""
+    # the run
+    steps: int = 100
+    """PPO steps"""
+    rollout_batch_size: int = 256
+    """prompts rolled out per PPO step, over all ranks"""
+    eval_every: int = 20
+    """evaluate on --eval-prompts every this many steps"""
+    save_every: int = 10
+    """write OUT/checkpoint every this many steps"""
+    devices: str | None = None
+    """policy device[,frozen-models device], e.g. cuda:0,cuda:1 (default: GPUs, else cpu)"""
+    out: str = "out/run"
+    """output directory"""
+    seed: int = 0
+    """PPO seed (sampling, dropout, LoRA init)"""
+    resume: bool = False
+    """continue from OUT/checkpoint"""
+    dry_run: bool = False
+    """print the placement and memory plan without allocating"""
+    preset: str | None = None
+    """with --dry-run: a llama.PRESETS name instead of checkpoints (e.g. llama-7b)"""
+    world_dir: str = ".world"
+    """where the built-in small world is built"""
+    world_seed: int = 0
+    """the small world's seed (its SFT and reward models); PPO seeds vary with --seed, as the paper's three runs
+    share one SFT model"""
+    activation_checkpointing: bool | None = None
+    """recompute each block in backward instead of keeping its activations (default: on where the plan says the
+    update would not fit the CUDA device without it)"""
 
 
 # the built-in small world: small batches, a higher learning rate, room for responses to grow past ~75 tokens
@@ -78,43 +146,6 @@ WORLD = dataclasses.replace(Args(), rollout_batch_size=64, step_batch_size=32, m
 # a resumed run must be the same experiment: every flag but these must match the checkpoint's
 MAY_CHANGE_ON_RESUME = ("steps", "out", "devices", "resume", "eval_every", "save_every", "activation_checkpointing",
                         "cuda_graph")
-
-
-def parse_args(argv=None):
-    """Flags from Args' fields; those not given come from WORLD (no checkpoints given) or the paper's Args()."""
-    p = argparse.ArgumentParser(description="PPO with LoRA (Sun et al. 2023). Defaults are the paper's; the small "
-                                "world changes " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                dataclasses.asdict(WORLD).items() if v != getattr(Args(), k)))
-    for f in dataclasses.fields(Args):
-        kind = next(t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None))
-        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        else:
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=kind.__name__.upper())
-    given = vars(p.parse_args(argv))
-    small_world = not any(k in given for k in ("policy", "reward", "prompts", "preset"))
-    args = dataclasses.replace(WORLD if small_world else Args(), **given)
-    check_args(args, small_world)
-    return args, small_world
-
-
-def check_args(args, small_world):
-    """Every flag in range, or one line naming it."""
-    if not small_world and not args.preset and not (args.policy and args.reward and args.prompts):
-        raise ValueError("give --policy, --reward and --prompts together, or none of them for the small world")
-    if args.dry_run and small_world:
-        raise ValueError("--dry-run needs --preset NAME (e.g. llama-7b) or --policy/--reward/--prompts")
-    if args.preset and not args.dry_run:
-        raise ValueError("--preset only plans memory (--dry-run); training needs --policy/--reward/--prompts")
-    divergences.get_estimator(args.estimator)  # unknown names: one line listing the valid ones
-    for f in dataclasses.fields(args):  # each knob's own range (ppo.knob)
-        test, what = f.metadata["valid"] or (lambda v: True, "")
-        if not test(getattr(args, f.name)):
-            raise ValueError(f"--{f.name.replace('_', '-')} must be {what}, got {getattr(args, f.name)}")
-    if args.decay_steps is not None and args.decay_steps < args.steps:
-        raise ValueError(f"--decay-steps must be at least --steps {args.steps} (the lr is 0 from --decay-steps on), "
-                         f"got {args.decay_steps}")
 
 
 # ----------------------------------------------------------------------------- the loop's helpers
@@ -127,74 +158,7 @@ def lr_schedule(args):
     return lambda s: min((s + 1) / max(1, args.warmup_steps), max(0.0, (end - s) / max(1, end - args.warmup_steps)))
 
 
-def batch_prompts(prompts, pos, n, seed):
-    """The n prompts after position pos of an endless stream: a fresh shuffle per pass, from the seed."""
-    order = lambda epoch: torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return [prompts[order(i // len(prompts))[i % len(prompts)]] for i in range(pos, pos + n)]
-
-
-def evaluate_step(step, policy, ref, reward_model, tokenizer, records, args, rank, world):
-    # sample.evaluate on all the held-out prompts (every rank computes the same); rank 0 writes the responses to
-    # OUT/eval/stepNNNN.json
-    out_file = os.path.join(args.out, "eval", f"step{step:04d}.json") if rank == 0 else None
-    return sample.evaluate(policy, ref, reward_model, tokenizer, records, args.max_new_tokens, args.micro_batch_size,
-                           world, out_file, f"lora-rlhf-{args.estimator}-step{step}")
-
-
-def console_lines(step, steps, s):
-    # step: score: the reward model's; penalty: mean D_t per token; true KL: exact, per response; len: tokens incl.
-    # EOS; loss: policy + vf_coef x value loss; tok/s: response tokens sampled and trained per second (the step's
-    # seconds are in OUT/metrics.jsonl). eval: greedy responses to the held-out prompts (and the small world's
-    # gold annotator's verdicts); step 0 is the SFT policy
-    lines = [f"step {step:3d}/{steps} | score {s['score']:+.3f} | penalty {s['penalty']:+.4f} | true KL "
-             f"{s['true_kl']:.2f} | len {s['response_length']:.1f} | loss {s['loss']:+.3f} | {s['tokens_per_s']:.0f} "
-             f"tok/s" if step else "step   0 (the SFT policy)"]
-    if "eval_score" in s:
-        win = (f" | win rate {s['eval_win_rate']:.3f} +- {s['eval_win_rate_se']:.3f} | accuracy "
-               f"{s['eval_accuracy']:.3f}" if "eval_win_rate" in s else "")
-        lines.append(f"   eval | score {s['eval_score']:+.3f} | true KL {s['eval_true_kl']:.2f} | len "
-                     f"{s['eval_length']:.1f}" + win)
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- set-up and finish, in main's order
-
-def use_world(args, rank, log):
-    """args pointing at the built-in small world's files, and the world (its annotator judges evaluations).
-    Rank 0 builds it once; the others wait, then read the finished directory."""
-    from world import build as world
-    world_dir = os.path.join(args.world_dir, f"seed{args.world_seed}")
-    paths = world.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
-    rundir.barrier()
-    paths = paths or world.bootstrap(world_dir, seed=args.world_seed, log=None)
-    return dataclasses.replace(args, policy=paths["policy"], reward=paths["reward"], prompts=paths["prompts"],
-                               eval_prompts=paths["eval"]), world
-
-
-def read_data(args, log):
-    """The tokenizer, the PPO prompts as token lists (in the Alpaca template; longer than --max-prompt-tokens
-    dropped, as the reference does) and the held-out evaluation records (or None)."""
-    tokenizer = llama.Tokenizer(args.tokenizer or os.path.join(args.policy, "tokenizer.model"))
-    prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))
-               for r in checkpoints.read_prompts(args.prompts)]
-    kept = [p for p in prompts if len(p) <= args.max_prompt_tokens]
-    log(f"prompts: {len(kept)} of {len(prompts)} from {args.prompts} (dropped {len(prompts) - len(kept)} longer "
-        f"than {args.max_prompt_tokens} tokens)")
-    if not kept:
-        raise ValueError(f"{args.prompts}: no prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
-    if not args.eval_prompts:
-        return tokenizer, kept, None
-    # held out: every prompt is kept (an evaluation set is compared whole) unless it cannot be answered at all
-    evals = checkpoints.read_prompts(args.eval_prompts)
-    room = checkpoints.read_config(args.policy).max_seq_len - args.max_new_tokens
-    fits = [r for r in evals if len(tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))) <= room]
-    if len(fits) < len(evals):
-        log(f"eval prompts: {len(fits)} of {len(evals)} from {args.eval_prompts} (dropped {len(evals) - len(fits)} "
-            f"longer than {room} tokens, which leave no room for --max-new-tokens {args.max_new_tokens})")
-    if not fits:
-        raise ValueError(f"{args.eval_prompts}: no prompt leaves room for --max-new-tokens {args.max_new_tokens}")
-    return tokenizer, kept, fits
-
+# ----------------------------------------------------------------------------- set-up, in main's order
 
 def load_models(args, devices, log):
     """(policy, value, reference, reward model, trainable parameters): policy + value train on devices[0] (LoRA on
@@ -230,24 +194,13 @@ def load_models(args, devices, log):
     return policy, value, ref, reward_model, params
 
 
-def finish(args, rank, params, policy, metrics_file, log):
-    """The trainable weights' checksum (runs that agree print the same), the final adapter, and the ranks parted."""
-    print(f"trainable checksum {sum(p.double().sum().item() for p in params):.12e} (rank {rank})", flush=True)
-    if rank == 0:
-        checkpoints.save_adapter(policy, os.path.join(args.out, "adapter"), base_model_name_or_path=args.policy)
-        log(f"done: adapter in {args.out}/adapter, metrics in {metrics_file}")
-    rundir.release()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    """The run, top to bottom, in eight numbered sections, as CleanRL's ppo.py; set-up and bookkeeping (resume,
-    checkpoints, the stop after a NaN or a signal) are called from it, so that the PPO loop reads on one screen."""
+    """The run, top to bottom, in eight numbered sections, as CleanRL's ppo.py: 1-2 here, then train (3-8); set-up
+    and bookkeeping (resume, checkpoints, the stop after a NaN or a signal) are called from them in one line each."""
     # 1. config: the flags (Args)
-    args, small_world = parse_args(argv)
+    args, small_world = config.parse(Args, WORLD, argv)
 
     # 2. ranks and devices; OUT is claimed before any work (a bad --out, or another run writing there, ends here)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -256,14 +209,19 @@ def main(argv=None):
     devices = plan.pick_devices(args.devices, local_rank, local_world)
     if args.dry_run:
         return plan.print_plan(args, devices)
-    log, dev = print if rank == 0 else (lambda *a, **k: None), devices[0]
+    log = print if rank == 0 else (lambda *a, **k: None)
     if rank == 0 and (note := rundir.claim(args.out)):
         log(note)
     rundir.init_ranks(devices, world_size, local_world)
+    train(args, small_world, devices, rank, world_size, per_rank, log)
 
+
+def train(args, small_world, devices, rank, world_size, per_rank, log):
+    """main's sections 3-8: data, models, optimizer, resume, the PPO loop and the final adapter, on this rank."""
+    dev = devices[0]
     # 3. data: the built-in small world, or real checkpoints and prompts
-    args, world = use_world(args, rank, log) if small_world else (args, None)
-    tokenizer, prompts, eval_records = read_data(args, log)
+    args, world = data.small_world(args, rank, log) if small_world else (args, None)
+    tokenizer, prompts, eval_records = data.read(args, log)
 
     # 4. models: policy, value (LoRA), reference, reward model
     torch.manual_seed(args.seed)  # identical LoRA A init on every rank
@@ -274,45 +232,40 @@ def main(argv=None):
     # 5. optimizer: AdamW, warm-up then linear decay (lr_schedule); gradients averaged over the ranks
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args))
-    cfg = dataclasses.replace(args, step_batch_size=args.step_batch_size // world_size)  # per rank
+    rank_args = dataclasses.replace(args, step_batch_size=args.step_batch_size // world_size)  # ppo.py's, per rank
     sync = (lambda: rundir.sync_grads(params, world_size)) if world_size > 1 else None
 
     # 6. resume, or start without overwriting an earlier run's files; the SFT policy's evaluation is step 0
     flags = dataclasses.asdict(args)
     step, pos, kl_coef = rundir.start(flags, rank, MAY_CHANGE_ON_RESUME, log, policy, value, optimizer, scheduler,
                                       generator)
-    metrics_file = os.path.join(args.out, "metrics.jsonl")
     log(f"PPO: {args.steps} steps x {args.rollout_batch_size} rollouts, step batch {args.step_batch_size}, "
         f"micro-batch {args.micro_batch_size}, estimator {args.estimator}, beta {kl_coef}")
+    models = (policy, ref, reward_model)
     if eval_records and step == 0:  # the baseline of every curve
-        stats = evaluate_step(0, policy, ref, reward_model, tokenizer, eval_records, args, rank, world)
-        rundir.append_metrics(metrics_file, {"step": 0, **stats}, rank)
-        log(console_lines(0, args.steps, stats))
+        report.record(0, {}, args, rank, log, models, tokenizer, eval_records, world)
 
     # 7. the PPO loop (ppo.py's steps 1-5); a NaN, Ctrl-C or SIGTERM stops it with the last finished step saved
     good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)  # last finished step
     try:
         while step < args.steps:
             t0 = time.time()
-            batch_p = batch_prompts(prompts, pos + rank * per_rank, per_rank, args.seed)  # this rank's share
+            batch_p = data.batch(prompts, pos + rank * per_rank, per_rank, args.seed)  # this rank's share
             tokens, mask = (x.to(dev) for x in llama.left_pad(batch_p, tokenizer.pad_id))
-            responses, rmask = ppo.generate_responses(policy, tokens, mask, cfg, tokenizer.eos_id,
+            responses, rmask = ppo.generate_responses(policy, tokens, mask, rank_args, tokenizer.eos_id,
                                                       tokenizer.pad_id, generator)          # 1a. sample y ~ pi
             t1 = time.time()
-            batch, stats = ppo.score_rollout(policy, value, reward_model, tokens, mask, responses, rmask, cfg,
+            batch, stats = ppo.score_rollout(policy, value, reward_model, tokens, mask, responses, rmask, rank_args,
                                              kl_coef, tokenizer.eos_id, ref_model=ref)  # 1b-d score, 2-3. Eq. 3, GAE
             t2 = time.time()
-            stats.update(ppo.ppo_update(policy, value, optimizer, scheduler, batch, cfg, sync))  # 4-5. Eq. 2, optimize
+            stats.update(ppo.ppo_update(policy, value, optimizer, scheduler, batch, rank_args, sync))  # 4-5. Eq. 2
             t3 = time.time()
             step, pos = step + 1, pos + args.rollout_batch_size
             stats.update(time_rollout=t2 - t0, time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
                          tokens_per_s=batch["mask"].sum().item() * world_size / (t3 - t0))
             stats = rundir.mean_over_ranks(stats, world_size, dev)
-            kl_coef = ppo.update_kl_coef(kl_coef, stats["penalty_seq"], cfg)
-            if eval_records and (step % args.eval_every == 0 or step == args.steps):
-                stats.update(evaluate_step(step, policy, ref, reward_model, tokenizer, eval_records, args, rank, world))
-            rundir.append_metrics(metrics_file, {"step": step, **stats}, rank)
-            log(console_lines(step, args.steps, stats))
+            kl_coef = ppo.update_kl_coef(kl_coef, stats["penalty_seq"], rank_args)
+            report.record(step, stats, args, rank, log, models, tokenizer, eval_records, world)  # eval, metrics
             good = rundir.snapshot(policy, value, optimizer, scheduler, step, pos, kl_coef, generator)
             if step % args.save_every == 0 or step == args.steps:
                 rundir.save_checkpoint(good, flags, args.out, rank, policy)
@@ -322,28 +275,12 @@ def main(argv=None):
         rundir.stop(e, good, flags, rank, policy, value, optimizer, scheduler, generator)
 
     # 8. the final adapter
-    finish(args, rank, params, policy, metrics_file, log)
+    report.finish(args, rank, params, policy, log)
 
 
 def cli(argv=None):
-    """main(), with bad input and the known failures ending in one line on stderr and exit status 1 (130 after
-    Ctrl-C or SIGTERM)."""
-    try:
-        main(argv)
-    except rundir.Interrupted as e:
-        print(e, file=sys.stderr)
-        return 130  # as a shell reports a process stopped by Ctrl-C
-    except (ValueError, OSError, FloatingPointError) as e:  # OSError: a full disk, a vanished file
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; a smaller --micro-batch-size lowers it and changes nothing else (gradients "
-              "are accumulated up to --step-batch-size), as does a smaller --max-new-tokens; --dry-run estimates it",
-              file=sys.stderr)
-        return 1
-    finally:
-        rundir.release()
-    return 0
+    """main(), with bad input and the known failures ending in one line on stderr (support/exits.py)."""
+    return exits.one_line(main, argv)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def micro_batches(args):
 
 
 def build(args):
-    """(policy config, reward config, policy, value, reward model) on the meta device."""
+    """(policy config, reward config, parameter counts): the real modules built on the meta device and counted once."""
     pcfg = llama.get_preset(args.preset) if args.preset else checkpoints.read_config(args.policy)
     rcfg = pcfg  # AlpacaFarm's reward model has the SFT model's shape; ours carry it in config.json
     if args.reward and not args.preset:
@@ -115,34 +115,39 @@ def build(args):
         reward = RewardModel(rcfg)
         value = ValueModel(RewardModel(rcfg).backbone, args.lora_rank, args.lora_alpha, args.lora_dropout,
                            lora_dtype=torch.float32)
-    return pcfg, rcfg, policy, value, reward
+    frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    n = dict(policy_lora=lora.count_parameters(policy)[0], value_lora=lora.count_parameters(value.backbone)[0],
+             value_head=value.value_head.weight.numel() + value.value_head.bias.numel(), base=frozen(policy),
+             value_frozen=frozen(value), reward=sum(p.numel() for p in reward.parameters()))
+    n["trainable"] = n["policy_lora"] + n["value_lora"] + n["value_head"]
+    return pcfg, rcfg, n
+
+
+def training_weights(n, rcfg, w):
+    """Bytes on the training device before any activation: the frozen policy and value (w bytes a weight), the
+    reward head, and the trainable parameters in fp32 with their gradients and Adam's two moments (16 bytes)."""
+    return (n["base"] + n["value_frozen"] + rcfg.dim + 1) * w + n["trainable"] * 16
 
 
 def training_device_peak(args, checkpointing, w=2):
     """The planned peak bytes of the training device (either placement) at args.micro_batch_size: what
     use_checkpointing (below) compares with the device's memory to decide on activation checkpointing."""
-    pcfg, rcfg, policy, value, _ = build(args)
-    frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
-    trainable = sum(lora.count_parameters(m)[0] for m in (policy, value))
-    weights = (frozen(policy) + frozen(value) + rcfg.dim + 1) * w + trainable * 16
-    return weights + max(phase_bytes(pcfg, args, w, args.micro_batch_size, checkpointing))
+    pcfg, rcfg, n = build(args)
+    return training_weights(n, rcfg, w) + max(phase_bytes(pcfg, args, w, args.micro_batch_size, checkpointing))
 
 
 def print_plan(args, devices):
     gib = lambda n: f"{n / 2**30:8.2f}"
-    pcfg, rcfg, policy, value, reward = build(args)
+    pcfg, rcfg, n = build(args)
     gpu = devices[0].type == "cuda" or args.preset is not None  # a preset plans for GPUs
     wbytes = 2 if gpu else 4  # frozen weights: bf16 on GPU, fp32 on CPU
-    frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
-    trainable = sum(lora.count_parameters(m)[0] for m in (policy, value))
-    base = frozen(policy)
-    print(f"trainable: policy LoRA {lora.count_parameters(policy)[0]:,} + value LoRA "
-          f"{lora.count_parameters(value.backbone)[0]:,} + value head "
-          f"{value.value_head.weight.numel() + value.value_head.bias.numel():,} = {trainable:,}\n"
+    trainable, base = n["trainable"], n["base"]
+    print(f"trainable: policy LoRA {n['policy_lora']:,} + value LoRA {n['value_lora']:,} + value head "
+          f"{n['value_head']:,} = {trainable:,}\n"
           f"           {100 * trainable / base:.3f}% of the {base:,} parameters of the base model")
     train_b = trainable * (4 + 4 + 8)  # fp32 weights, fp32 grads, Adam's two fp32 moments
-    base_b = (frozen(policy) + frozen(value)) * wbytes
-    frozen_b = (base + sum(p.numel() for p in reward.parameters())) * wbytes
+    base_b = (base + n["value_frozen"]) * wbytes
+    frozen_b = (base + n["reward"]) * wbytes
     names = [str(d) for d in devices] if len(devices) == 2 else (["cuda:0", "cuda:1"] if gpu else ["cpu", "cpu"])
     print(f"{'placement':12s} {'device':8s} {'holds':42s} {'weights':>8s} {'trainable+grads+Adam':>21s}  GiB")
     print(f"{'two-device':12s} {names[0]:8s} {'policy + LoRA, value + LoRA + head':42s} {gib(base_b)} {gib(train_b):>21s}")
@@ -155,7 +160,7 @@ def print_plan(args, devices):
           f"policy + value)")
     print(f"{'placement':12s} {'device':8s} {'micro-batch':>11s} {'checkpointing':>13s} {'generate':>8s} "
           f"{'score':>8s} {'update':>8s} {'peak':>8s}")
-    weights = base_b + (rcfg.dim + 1) * wbytes + train_b
+    weights = training_weights(n, rcfg, wbytes)
     for mb in micro_batches(args):
         for ckpt in (False, True):
             phases = phase_bytes(pcfg, args, wbytes, mb, ckpt)

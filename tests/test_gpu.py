@@ -21,8 +21,10 @@ import torch
 import llama
 import lora
 import ppo
+import train
 from llama import Llama, LlamaConfig, generate, left_pad
 from reward import RewardModel, ValueModel
+from support import cudagraph
 from test_ppo import rollout
 from test_train import base_args, metrics, run, setup  # noqa: F401  (setup is a fixture)
 
@@ -122,7 +124,7 @@ def test_rollout_reference_adapters_off_equals_separate_model():
     reward_model = RewardModel(CFG).to(DEVICE, torch.bfloat16).requires_grad_(False)
     value = ValueModel(reward_model.backbone, lora_dtype=torch.float32)
     prompts, mask = left_pad([torch.randint(3, CFG.vocab_size, (n,)).tolist() for n in (7, 12, 3, 9)])
-    cfg = ppo.PPOConfig(estimator="js", micro_batch_size=2, max_new_tokens=10)
+    cfg = train.Args(estimator="js", micro_batch_size=2, max_new_tokens=10)
     out = []
     for r in (None, ref):
         g = torch.Generator(DEVICE).manual_seed(0)
@@ -158,7 +160,7 @@ needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUD
 @needs_cuda
 @torch.no_grad()
 def test_cuda_graph_step_replays_the_eager_step():
-    """llama.capture of generate's decoding step gives the eager step's logits bit for bit (it replays the same
+    """cudagraph.capture of generate's decoding step gives the eager step's logits bit for bit (it replays the same
     kernels) at every slot of a left-padded batch, and both match one full forward of the batch."""
     gpu = lora_policy(5)
     tokens, mask = (x.to(DEVICE) for x in left_pad([torch.randint(0, CFG.vocab_size, (n,)).tolist() for n in (5, 40, 23)]))
@@ -170,7 +172,7 @@ def test_cuda_graph_step_replays_the_eager_step():
         start += tokens.shape[1]
         step = lambda token, start, cache=cache: gpu(token, None, cache, start)[:, -1]
         if graph:
-            step = llama.capture(step, nxt[:, :1], start)
+            step = cudagraph.capture(step, nxt[:, :1], start)
         out = []
         for t in range(8):
             out.append(step(nxt[:, t:t + 1], start).clone())

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import checkpoints
 import llama
-from llama import Llama, LlamaConfig, generate, left_pad
+from llama import Llama, generate, left_pad
+from support import cudagraph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = llama.PRESETS["tiny"]  # GQA: 4 query heads share 2 kv heads
@@ -352,7 +353,7 @@ def test_greedy_generate_is_repeated_argmax():
 
 
 def test_generate_through_a_recorded_step(monkeypatch):
-    """generate(cuda_graph=True) on the CPU, llama.capture replaced by a stand-in with a CUDA graph's contract:
+    """generate(cuda_graph=True) on the CPU, cudagraph.capture replaced by a stand-in with a CUDA graph's contract:
     the step runs once on copies of its first inputs when recorded, then only on those recorded tensors, refilled
     by copy, into one output tensor that each replay overwrites. Same tokens as eager decoding, greedy and
     sampled with one seed, with a row stopping at EOS mid-batch."""
@@ -373,7 +374,7 @@ def test_generate_through_a_recorded_step(monkeypatch):
                                      generator=torch.Generator().manual_seed(0), cuda_graph=graph)
         eager = run(False)
         with monkeypatch.context() as m:
-            m.setattr(llama, "capture", capture)
+            m.setattr(cudagraph, "capture", capture)
             replayed = run(True)
         assert all(torch.equal(a, b) for a, b in zip(eager, replayed)), temperature
     assert eager[1].sum(1).min() < eager[1].shape[1]  # a row stopped at EOS

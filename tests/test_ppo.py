@@ -12,6 +12,7 @@ import llama
 import lora
 import ppo
 import reward
+import train
 
 
 def padded_batch(B=6, N=9, seed=0):
@@ -160,7 +161,7 @@ def test_value_loss_by_hand():
 
 
 def test_adaptive_kl_controller():
-    cfg = ppo.PPOConfig()
+    cfg = train.Args()
     assert ppo.update_kl_coef(0.02, 100.0, cfg) == 0.02          # off by default
     cfg.adaptive_kl = True
     assert math.isclose(ppo.update_kl_coef(0.02, 12.0, cfg), 0.02 * 1.02)   # error clipped at +0.2
@@ -179,6 +180,7 @@ class TokenReward(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(()))   # gives the module a device
+        self.score_eos = True                               # scores the response with its EOS, as ours
 
     def forward(self, tokens, mask):
         return ((tokens < TARGET) & mask.bool()).sum(-1).float()
@@ -211,7 +213,7 @@ def rollout(policy, value, reward_model, prompts, mask, cfg, kl_coef, eos_id, re
 def small_cfg(**kw):
     base = dict(step_batch_size=8, micro_batch_size=4, max_new_tokens=6,
                 generate_batch_size=16)
-    return ppo.PPOConfig(**{**base, **kw})
+    return train.Args(**{**base, **kw})
 
 
 def test_rollout_matches_per_sequence_forwards():

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 import checkpoints
+import divergences
 import llama
 import lora
 from reward import RewardModel
+from support import config, data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=96, max_seq_len=256)
@@ -358,43 +360,32 @@ def no_weights(d, args, tmp):
     return args
 
 
-# case -> (how the good command is spoiled, what the one line must say)
+# case -> (how the good command is spoiled, what the one line must say): a few of each kind of bad input
 BAD = {
+    # a flag out of its range (every range: test_every_range_check_names_its_flag), or flags that disagree
+    "temperature": (flag("--temperature", "-1"), "--temperature must be a finite number >= 0"),
+    "kl_nan": (flag("--kl-coef", "nan"), "--kl-coef must be a finite number >= 0"),
+    "gamma": (flag("--gamma", "1.5"), "--gamma must be in [0, 1], got 1.5"),
     "estimator": (flag("--estimator", "kll"), "valid names: kl, clamped_kl"),
+    "partial_args": (lambda d, a, t: a[2:], "together"),
+    "divide": (flag("--step-batch-size", "3"), "not divisible"),
+    # devices
+    "no_gpu": (flag("--devices", "cuda:7"), "does not exist on this machine"),
+    "meta_device": (flag("--devices", "meta"), "--devices: meta is not supported"),
+    # input files and OUT
     "no_prompts": (lambda d, a, t: a[:a.index("--prompts") + 1] + [str(t / "none.json")] + a[a.index("--prompts") + 2:],
                    "does not exist"),
     "bad_record": (prompts_file('{"instruction": "a"}\n{"input": "b"}\n'), "record 1"),
     "not_utf8": (prompts_file(b'[{"instruction": "caf\xe9"}]', binary=True), "p.json: not UTF-8 text"),
     "missing_weights": (no_weights, "no weights"),
-    "divide": (flag("--step-batch-size", "3"), "not divisible"),
-    "no_gpu": (flag("--devices", "cuda:7"), "does not exist on this machine"),
-    "empty_devices": (flag("--devices", ""), "--devices: '' is not a device name"),
-    "meta_device": (flag("--devices", "meta"), "--devices: meta is not supported"),
-    "partial_args": (lambda d, a, t: a[2:], "together"),
-    "temperature": (flag("--temperature", "-1"), "--temperature must be a finite number >= 0"),
-    "top_p_0": (flag("--top-p", "0"), "--top-p must be in (0, 1]"),
-    "top_p_2": (flag("--top-p", "2"), "--top-p must be in (0, 1]"),
-    "warmup": (flag("--warmup-steps", "-5"), "--warmup-steps must be at least 0"),
-    "kl_negative": (flag("--kl-coef", "-5"), "--kl-coef must be a finite number >= 0"),
-    "kl_nan": (flag("--kl-coef", "nan"), "--kl-coef must be a finite number >= 0"),
-    "kl_inf": (flag("--kl-coef", "inf"), "--kl-coef must be a finite number >= 0"),
-    "no_eos_nan": (flag("--no-eos-penalty", "nan"), "--no-eos-penalty must be a finite number"),
-    "alpha_nan": (flag("--lora-alpha", "nan"), "--lora-alpha must be a finite number > 0"),
-    "gamma": (flag("--gamma", "1.5"), "--gamma must be in [0, 1], got 1.5"),
-    "cliprange": (flag("--cliprange", "0"), "--cliprange must be a finite number > 0, got 0.0"),
-    "micro_batch": (flag("--micro-batch-size", "0"), "--micro-batch-size must be at least 1, got 0"),
     "out_is_a_file": (out_at("file"), "is a file, not a directory"),
-    "out_under_a_file": (out_at("file/o"), "cannot write there (Not a directory)"),
+    # resume
     "resume_nothing": (flag("--resume", None), "is missing"),
     "resume_truncated_state": (resume_with("checkpoint/state.pt", lambda b: b[:len(b) // 2]),
                                "checkpoint/state.pt is not a readable checkpoint file"),
-    "resume_empty_state": (resume_with("checkpoint/state.pt", b""), "state.pt is not a readable checkpoint file"),
-    "resume_garbage_rng": (resume_with("checkpoint/rng-rank0.pt", b"garbage" * 10),
-                           "rng-rank0.pt is not a readable checkpoint file"),
-    "resume_bad_metrics": (resume_with("metrics.jsonl", lambda b: b.replace(b"\n", b"\n{oops\n", 1)),
-                           "metrics.jsonl: line 2 is not a metrics line"),
     "resume_other_settings": (resume_with(None, None, "--lr", "2e-3"),
                               "checkpoint was written with other settings: --lr 0.001 -> 0.002"),
+    # a NaN during the run
     "nan": (flag("--lr", "1e30"), "stopped at PPO step 1, the checkpoint of step 0"),  # 1e30 overflows
 }
 
@@ -418,6 +409,23 @@ def test_bad_input_ends_in_one_line(setup, uninterrupted, tmp_path, case, capsys
         assert torch.load(tmp_path / "o" / "checkpoint" / "state.pt", weights_only=True)["step"] == 0
     elif (tmp_path / "o").is_dir():
         assert files() == before
+
+
+def test_every_range_check_names_its_flag():
+    """Each entry of support/config.py's RANGES refuses a value out of range in one message naming its flag; the
+    paper's defaults and the small world pass them all. Every field of Args has its doc (the flag's help), and
+    --estimator's lists divergences.ESTIMATORS."""
+    import train
+    assert set(config.field_docs(train.Args)) == {f.name for f in dataclasses.fields(train.Args)} >= set(config.RANGES)
+    assert config.field_docs(train.Args)["estimator"].endswith(": " + ", ".join(divergences.ESTIMATORS))
+    good = ["--policy", "p", "--reward", "r", "--prompts", "x"]
+    config.parse(train.Args, train.WORLD, [])
+    config.parse(train.Args, train.WORLD, good)
+    for name, (test, what) in config.RANGES.items():
+        flag = "--" + name.replace("_", "-")
+        bad = next(v for v in ("-1", "0", "1.5", "nan", "inf") if not test(float(v)))  # -1 or 0 for the ints
+        with pytest.raises(ValueError, match=re.escape(f"{flag} must be {what}, got")):
+            config.parse(train.Args, train.WORLD, good + [flag, bad])
 
 
 def test_out_of_gpu_memory_is_one_line(setup, tmp_path, monkeypatch, capsys):
@@ -452,7 +460,7 @@ def test_lr_schedule_decays_over_the_papers_horizon():
     n = train.WORLD.steps
     assert [world(s) for s in range(n)] == [min((s + 1) / 5, max(0.0, (n - s) / (n - 5))) for s in range(n)]
     with pytest.raises(ValueError, match="--decay-steps must be at least --steps 1000"):
-        train.parse_args(["--policy", "p", "--reward", "r", "--prompts", "x", "--steps", "1000"])
+        config.parse(train.Args, train.WORLD, ["--policy", "p", "--reward", "r", "--prompts", "x", "--steps", "1000"])
 
 
 class RunsCode:
@@ -466,12 +474,9 @@ class RunsCode:
 
 # bad files end in one line naming the file: case -> (file, how it is spoiled, message fragment)
 SPOILED = {"policy_truncated": ("policy/model.safetensors", "truncate", "not a readable safetensors file"),
-           "policy_empty": ("policy/model.safetensors", "empty", "not a readable safetensors file"),
-           "reward_truncated": ("reward/model.safetensors", "truncate", "not a readable safetensors file"),
            "policy_pickle": ("policy/pytorch_model.bin", "pickle", "could run code"),
            "tokenizer_garbage": ("policy/tokenizer.model", "garbage", "expected a sentencepiece model"),
            "heads_zero": ("policy/config.json", "heads", "num_attention_heads = 0 must be a positive integer"),
-           "adapter_truncated": ("adapter/adapter_model.safetensors", "truncate", "not a readable safetensors file"),
            "adapter_pickle": ("adapter/adapter_model.bin", "pickle", "could run code")}
 
 
@@ -581,9 +586,9 @@ def test_evaluation_prompts_are_kept_whole_unless_they_cannot_be_answered(setup,
     args = train.Args(policy=str(setup / "policy"), prompts=str(setup / "prompts.json"),
                       eval_prompts=str(tmp_path / "eval.json"), max_prompt_tokens=limit, max_new_tokens=new)
     lines = []
-    _, _, kept = train.read_data(args, lines.append)
+    _, _, kept = data.read(args, lines.append)
     assert kept == records[:2]
     assert lines[-1] == (f"eval prompts: 2 of 3 from {tmp_path / 'eval.json'} (dropped 1 longer than "
                          f"{size(records[1])} tokens, which leave no room for --max-new-tokens {new})")
     with pytest.raises(ValueError, match=r"long.json: no prompt leaves room for --max-new-tokens"):
-        train.read_data(dataclasses.replace(args, eval_prompts=str(tmp_path / "long.json")), lines.append)
+        data.read(dataclasses.replace(args, eval_prompts=str(tmp_path / "long.json")), lines.append)

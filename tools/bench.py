@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 
 import llama
-from support import plan
+from support import cudagraph, plan
 import ppo
+import train
 from llama import Llama, generate, get_preset
 from lora import add_lora, count_parameters
 from reward import RewardModel, ValueModel
@@ -144,7 +145,7 @@ def decode_step(policy, prompts, mask, N, cuda_graph, device, repeats=20):
     step = lambda token, start: policy(token, None, cache, start)[:, -1]  # as in llama.generate
     token = prompts[:, -1:]
     if cuda_graph:
-        step = llama.capture(step, token, start)
+        step = cudagraph.capture(step, token, start)
     step(token, start)
     return best_time(lambda: [step(token, start) for _ in range(repeats)], 3, device)[0] / repeats
 
@@ -228,8 +229,8 @@ def bench_ppo(args, device, dtype):
     row(f"decoding step of {G} sequences, cache of {P + N} tokens", "", "", f"{num(1000 * t)} ms", G / t,
         model_flops(cfg, P, N, G, "step") / t / 1e12, read_bytes(cfg, P, N, G, "step", G, w) / t / 1e9, gib(),
         plan_gib(1, False, 0))
-    pcfg = lambda mb: ppo.PPOConfig(estimator="js", step_batch_size=min(args.step_batch, R), micro_batch_size=mb,
-                                    max_new_tokens=N, generate_batch_size=G, cuda_graph=args.cuda_graph)
+    pcfg = lambda mb: train.Args(estimator="js", step_batch_size=min(args.step_batch, R), micro_batch_size=mb,
+                                 max_new_tokens=N, generate_batch_size=G, cuda_graph=args.cuda_graph)
     out = {}
     # 2. generate
     gen = torch.Generator(device).manual_seed(0)
