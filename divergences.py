@@ -214,6 +214,3 @@ if __name__ == "__main__":
             bias = 0.0 if abs(bias) < 1e-12 else bias             # exact zeros, not rounding noise
             cells.append(f"{mean:.5f} | {bias:+.5f} | {std:.4f}")
         print(f"| {name} | {TARGETS[name]} | " + " | ".join(cells) + " |")
-    print()
-    import gradients               # imports this file, so only here: the gradient table after the value table
-    gradients.print_table()

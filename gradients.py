@@ -6,8 +6,9 @@ estimates in value. Training uses its gradient, and that depends on where D is p
 - in the reward (paper Eq. 3, as PPO uses it): r_t = -beta D_t is computed at rollout and enters the
   return; the policy gradient reaches theta only through log pi_theta, by the score function, with the
   reward-to-go:  g = E_y[ sum_t grad log pi_theta(y_t|y_<t) * sum_{s>=t} D_s ],  D held constant;
-- as a loss (GRPO, TRL's kl_estimator): beta * D_t is added to the loss and differentiated directly,
-  the sampled y held fixed:  g = E_y[ sum_t grad D_t ].
+- as a loss (GRPO adds k3 = bregman to its loss; TRL's kl_estimator only picks the estimator that goes
+  into the reward): beta * D_t is added to the loss and differentiated directly, the sampled y held
+  fixed:  g = E_y[ sum_t grad D_t ].
 
 The two add up to grad E_y[sum_t D_t] (through the sampling + through D). Minimizing beta * penalty
 moves theta along -g, so an ideal penalty has g = grad KL(pi_theta || pi_ref) of the whole sequence
@@ -19,7 +20,9 @@ are enumerated, every expectation over y ~ pi_theta is an exact float64 sum weig
 gradients come from autograd. See Schulman (2020), "Approximating KL divergence", and Tang & Munos
 (2025), "On a few pitfalls in KL divergence gradient estimation for RL", arXiv 2506.09477.
 
-Run `python gradients.py` (`python divergences.py` prints it after the value table) for the table
+The table assumes gamma = lambda = 1 (undiscounted reward-to-go, no bootstrapping); ppo.py's GAE
+defaults to lambda = 0.95, which bootstraps from the value model, so there the table holds only as far
+as the values are exact. Run `python gradients.py` for the table
 "What the penalties do to the gradient"; tests/test_gradients.py asserts the exact identities.
 """
 import itertools

@@ -335,21 +335,9 @@ def test_generate_equals_greedy_full_forward_with_eos_mid_batch():
     for b in range(3):
         assert out[b, :n[b]].tolist() == expect[b, :n[b]].tolist(), b
         assert (out[b, n[b]:] == -1).all() and (n[b] == out.shape[1] or out[b, n[b] - 1] == eos)
-
-
-def test_greedy_generate_is_repeated_argmax():
-    model = tiny()
-    seqs = [TOKENS[0, :6].tolist(), TOKENS[1, :3].tolist()]
-    tokens, mask = left_pad(seqs)
-    out, out_mask = generate(model, tokens, mask, 10, temperature=0)
-    out2, _ = generate(model, tokens, mask, 10, temperature=0)
-    assert torch.equal(out, out2) and out_mask.all()
-    for b, s in enumerate(seqs):
-        seq = list(s)
-        for t in range(10):
-            logits = model(torch.tensor([seq]))[0, -1]
-            assert out[b, t].item() == logits.argmax().item()
-            seq.append(out[b, t].item())
+        k = int(n[b])
+        assert out_mask[b].tolist() == [1] * k + [0] * (out.shape[1] - k), b  # a prefix of ones
+        assert eos not in out[b, :n[b] - 1].tolist(), b  # stopped at the first EOS
 
 
 def test_generate_through_a_recorded_step(monkeypatch):
@@ -380,19 +368,6 @@ def test_generate_through_a_recorded_step(monkeypatch):
     assert eager[1].sum(1).min() < eager[1].shape[1]  # a row stopped at EOS
 
 
-def test_eos_stops_and_pads():
-    model = tiny()
-    tokens, mask = left_pad([TOKENS[0, :4].tolist(), TOKENS[1, :4].tolist()])
-    out, _ = generate(model, tokens, mask, 6, temperature=0)
-    eos = out[0, 2].item()  # pretend the third greedy token of row 0 is EOS
-    out2, m2 = generate(model, tokens, mask, 6, temperature=0, eos_id=eos, pad_id=-1)
-    first = (out[1] == eos).nonzero()
-    stop1 = first[0, 0].item() + 1 if len(first) else 6
-    assert m2[0].tolist() == [1, 1, 1] + [0] * (m2.shape[1] - 3)
-    assert (out2[0, 3:] == -1).all()
-    assert m2[1].sum().item() == min(stop1, m2.shape[1])
-
-
 def test_sampling_respects_top_p_and_seed():
     model = tiny()
     tokens, mask = left_pad([TOKENS[0, :4].tolist()] * 64)
@@ -402,8 +377,14 @@ def test_sampling_respects_top_p_and_seed():
     probs = model(TOKENS[:1, :4])[0, -1].softmax(-1)
     assert (gen(1, 1e-6) == probs.argmax()).all()  # a tiny nucleus is greedy
     sorted_p, order = probs.sort(descending=True)
-    nucleus = set(order[: int((sorted_p.cumsum(0) < 0.3).sum()) + 1].tolist())
-    assert set(gen(2, 0.3).tolist()) <= nucleus
+    nucleus = lambda p: set(order[: int((sorted_p.cumsum(0) < p).sum()) + 1].tolist())
+    # top-p 0.02: a nucleus of 4 near-equally likely tokens; 64 draws hit every one (a miss has probability
+    # < 4 x 0.76^64 = 1e-7), so a greedy sampler fails; and none outside it
+    assert len(nucleus(0.02)) == 4 and set(gen(2, 0.02).tolist()) == nucleus(0.02)
+    # top-p 0.3 (63 tokens): many distinct draws, all inside; without top-p most of 64 draws fall outside
+    drawn = set(gen(3, 0.3).tolist())
+    assert drawn <= nucleus(0.3) and len(drawn) >= 20 and len(drawn - {probs.argmax().item()}) >= 19
+    assert len(set(gen(3, 1.0).tolist()) - nucleus(0.3)) >= 10
 
 
 @pytest.mark.parametrize("top_p", [0.7, 1.0])
@@ -431,14 +412,29 @@ def test_golden_greedy_sequence():
     assert out[0].tolist() == [149, 236, 74, 57, 2, 197, 213, 126, 137, 248, 183, 89]  # smallest top-2 gap 7e-4
 
 
-def test_alpaca_template_exact():
-    assert llama.alpaca_prompt("Say hi.") == (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nSay hi.\n\n### Response:")
-    assert llama.alpaca_prompt("Sort.", "b a") == (
+# Stanford Alpaca's PROMPT_DICT as its train.py writes it (github.com/tatsu-lab/stanford_alpaca), typed here
+# independently of llama.py, with its rule: the input variant when the example's input is not empty
+ALPACA_PROMPT_DICT = {
+    "prompt_input": (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n### Instruction:\nSort.\n\n### Input:\n"
-        "b a\n\n### Response:")
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+
+
+def test_alpaca_template_exact():
+    examples = [{"instruction": "Say hi.", "input": ""}, {"instruction": "Sort.", "input": "b a"},
+                {"instruction": "Two lines:\nkeep {braces}.", "input": "  spaced\n"}, {"instruction": "x", "input": "0"}]
+    for ex in examples:
+        key = "prompt_input" if ex["input"] != "" else "prompt_no_input"
+        assert llama.alpaca_prompt(ex["instruction"], ex["input"]) == ALPACA_PROMPT_DICT[key].format_map(ex), ex
+    assert llama.alpaca_prompt("Say hi.") == ALPACA_PROMPT_DICT["prompt_no_input"].format(instruction="Say hi.")
 
 
 @pytest.fixture(scope="module")

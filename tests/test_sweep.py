@@ -191,10 +191,32 @@ def test_missing_matplotlib_still_writes_the_tables(fake_sweep, monkeypatch, cap
 
 
 def test_plots_when_matplotlib_is_installed(fake_sweep):
-    pytest.importorskip("matplotlib")  # optional extra: CI does not install it
+    """The four figures at the sizes plot asks for (figsize x 110 dpi; two Table-1 betas here, 0.02 and 0.5, at
+    which two estimators ran), each different, with every curve drawn in its color and none for a configuration
+    that did not run."""
+    plt = pytest.importorskip("matplotlib.pyplot")  # .ci/run installs matplotlib
+    import numpy as np
+    from matplotlib.colors import to_rgb
     sweep.report(str(fake_sweep), CONFIGS, 0.02)
-    for name in ("figure1_win_rate", "figure2_kl_length", "figure3_overoptimization", "figure4_beta"):
-        assert open(fake_sweep / f"{name}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
+    size = {"figure1_win_rate": (440, 2 * 660), "figure2_kl_length": (2 * 396, 1210),
+            "figure3_overoptimization": (440, 1210), "figure4_beta": (440, 1210)}   # (height, width) in pixels
+    images = {name: plt.imread(fake_sweep / f"{name}.png")[..., :3] for name in size}  # (H, W, 3) in [0, 1]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {name: to_rgb(c) for name, c in zip(sweep.CONFIGS, cycle)}
+    # figure 4: no penalty and the KL penalty at its three betas (0, 0.02, 0.1, 0.5), viridis from 0 to 1
+    color.update({f"kl at beta {i}": plt.cm.viridis(i / 3)[:3] for i in range(4)})
+    hits = lambda img, c: int((np.abs(img - np.array(c)).max(-1) < 0.02).sum())  # pixels of a curve's color
+    for name, img in images.items():
+        assert img.shape[:2] == size[name], (name, img.shape)
+        drawn = (img < 0.95).any(-1).mean()                               # share of pixels that are not white
+        assert 0.01 < drawn < 0.6, (name, drawn)
+        curves = [f"kl at beta {i}" for i in range(4)] if name == "figure4_beta" else ["js", "kl", "none"]
+        assert all(hits(img, color[c]) > 300 for c in curves), (name, {c: hits(img, color[c]) for c in curves})
+        assert hits(img, color["squared"]) == 0, name                     # control: squared did not run
+    names = list(images)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert images[a].shape != images[b].shape or (images[a] != images[b]).any(), (a, b)
 
 
 def test_bad_input_is_one_line(tmp_path):

@@ -186,6 +186,38 @@ def test_win_rate_and_mean_se_match_float64():
     assert math.isnan(tasks.mean_se([3.0])[1])
 
 
+
+def test_judge_prints_the_win_rates_of_hand_written_outputs(tmp_path):
+    """python -m world.judge A --against B --world W on four count prompts whose verdicts are known by the gold rules
+    (right beats wrong; else the closer to the right answer; else a tie). Against the references, A wins
+    1, 1/2, 1, 0 and B wins 1/2, 0, 1/2, 0: A 62.5% with SE sqrt(0.6875 / 3 / 4) = 23.9; A - B per prompt
+    1/2, 1/2, 1/2, 0: +37.5 with SE sqrt(0.1875 / 3 / 4) = 12.5 points."""
+    prompts = [("Count from 1 to 5.", "1 2 3 4"), ("Count from 3 to 6.", "3 4 5 6"),     # (instruction, reference):
+               ("Count from 10 to 13.", "10 11 12"), ("Count from 7 to 9.", "7 8 9")]     # wrong, right, wrong, right
+    a = ["1 2 3 4 5", "3 4 5 6", "10 11 12 13", "7 8"]      # right, right (a tie), right, wrong
+    b = ["1 2 3 4", "3 4 5", "10 11 12", "7 8"]             # as the reference (ties), wrong, a tie, wrong
+    os.makedirs(tmp_path / "w" / "data")
+    with open(tmp_path / "w" / world.LAYOUT["eval"], "w") as f:
+        json.dump([{**rec("count", i), "output": ref} for i, ref in prompts], f)
+    for name, outs in (("a.json", a), ("b.json", b)):   # AlpacaEval records, as train.py writes OUT/eval/stepNNNN.json
+        with open(tmp_path / name, "w") as f:
+            json.dump([{"instruction": i, "input": "", "output": o, "generator": name}
+                       for (i, _), o in zip(prompts, outs)], f)
+    judge = lambda *args: subprocess.run([sys.executable, "-m", "world.judge", *args, "--world", str(tmp_path / "w")],
+                                         capture_output=True, text=True, cwd=ROOT)
+    p = judge(str(tmp_path / "a.json"), "--against", str(tmp_path / "b.json"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [
+        f"{tmp_path / 'a.json'}: gold win rate 62.5% ± 23.9 against the reference outputs (4 prompts)",
+        f"against {tmp_path / 'b.json'}: +37.5 ± 12.5 points, paired by prompt"]
+    # outputs for other prompts, or in another order, are refused in one line
+    with open(tmp_path / "c.json", "w") as f:
+        json.dump([{"instruction": i, "input": "", "output": o} for (i, _), o in zip(prompts[::-1], a)], f)
+    p = judge(str(tmp_path / "c.json"))
+    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1
+    assert "c.json does not hold outputs for the prompts of" in p.stderr, p.stderr
+
+
 # ----------------------------------------------------------------------------- the build
 
 TINY = world.WorldConfig(n_sft=64, n_pref=24, n_ppo=16, n_eval=16, vocab_size=384, dim=32, n_layers=1, n_heads=2,
