@@ -52,6 +52,8 @@ RANGES = {
     "rollout_batch_size": AT_LEAST_1,
     "eval_every": AT_LEAST_1,
     "save_every": AT_LEAST_1,
+    "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),  # torch's generators take a 64-bit seed
+    "world_seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),
 }
 
 
@@ -95,6 +97,9 @@ def check_args(args, small_world):
         raise ValueError("give --policy, --reward and --prompts together, or none of them for the small world")
     if args.dry_run and small_world:
         raise ValueError("--dry-run needs --preset NAME (e.g. llama-7b) or --policy/--reward/--prompts")
+    if small_world and (given := [f for f in ("eval_prompts", "tokenizer") if getattr(args, f)]):
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to real checkpoints: the small world has its own "
+                         f"(give --policy, --reward and --prompts with it)")
     if args.preset and not args.dry_run:
         raise ValueError("--preset only plans memory (--dry-run); training needs --policy/--reward/--prompts")
     divergences.get_estimator(args.estimator)  # unknown names: one line listing the valid ones
@@ -112,9 +117,12 @@ def check_sample_args(args):
                            ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
                            ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
                            ("--batch-size", args.batch_size >= 1, "at least 1"),
+                           ("--seed", 0 <= args.seed < 2 ** 63, "in [0, 2**63)"),
                            ("--merge", args.adapter or not args.merge, "given with --adapter"),
                            ("--input", args.prompt is not None or not args.input, "given with --prompt"),
-                           ("--out", not args.out or not os.path.isdir(args.out), "a file, not a directory")):
+                           ("--out", not args.out or not os.path.isdir(args.out), "a file, not a directory"),
+                           ("--out", not args.out or os.path.isdir(os.path.dirname(os.path.abspath(args.out))),
+                            "in an existing directory")):
         if not ok:
             value = getattr(args, flag[2:].replace("-", "_"))
             raise ValueError(f"{flag} must be {what}" + ("" if isinstance(value, bool) else f", got {value}"))

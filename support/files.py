@@ -33,9 +33,13 @@ def atomic_write(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, Exception):  # e.g. a full disk: one line naming the file
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise OSError(f"could not write {path} ({reason}); any earlier {os.path.basename(path)} is unchanged") \
+                from None
         raise
 
 

@@ -294,12 +294,20 @@ def read_prompt_file(path):
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        return json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON ({e})") from None
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):  # JSONL: the error names the file's line, not the record's
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON on line {n} ({e.msg}: column {e.colno})") from None
+    return records
 
 
 def check_prompts(records, path):

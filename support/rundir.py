@@ -19,6 +19,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -225,7 +226,7 @@ def save_checkpoint(state, args, out, rank, policy):
             torch.save({**{k: v for k, v in state.items() if k not in rng}, "args": args},
                        os.path.join(tmp, "state.pt"))
             checkpoints.save_adapter(policy, os.path.join(tmp, "policy_adapter"))
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # OSError, or the error type of torch's or safetensors' writer
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise ValueError(f"could not write the checkpoint of step {state['step']} to {tmp} ({reason}); "
@@ -248,6 +249,10 @@ def load_checkpoint(out, rank):
         if not os.path.exists(os.path.join(path, f)):
             raise FileNotFoundError(f"--resume: {os.path.join(path, f)} is missing (no checkpoint, or one "
                                     f"written by a run with another number of ranks)")
+    written = len([f for f in os.listdir(path) if re.fullmatch(r"rng-rank\d+\.pt", f)])
+    if written != (ranks := int(os.environ.get("WORLD_SIZE", 1))):  # each rank draws its own share of the rollouts
+        raise ValueError(f"--resume: {path} was written by {written} rank(s), this run has {ranks}; resume it with "
+                         f"torchrun --nproc_per_node={written}")
     state = {}
     for f in ("state.pt", f"rng-rank{rank}.pt"):
         try:  # weights_only: a pickle that would run code is refused, not executed
@@ -266,6 +271,11 @@ def resume(out, rank, args, may_change, policy, value, optimizer, scheduler, gen
                if k not in may_change and state["args"].get(k) != v]
     if changed:
         raise ValueError(f"--resume: {out}/checkpoint was written with other settings: {'; '.join(changed)}")
+    if args["decay_steps"] is None and args["steps"] != state["args"]["steps"]:  # the lr schedule ends at --steps
+        raise ValueError(f"--resume: {out}/checkpoint's learning rate decays to 0 at its --steps "
+                         f"{state['args']['steps']} (--decay-steps unset); --steps {args['steps']} would change that "
+                         f"schedule or run at lr 0: resume with --steps {state['args']['steps']}, or start a run with "
+                         f"--decay-steps")
     restore(state, policy, value, optimizer, scheduler, generator)
     if rank == 0:
         truncate_metrics(os.path.join(out, "metrics.jsonl"), state["step"])

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tools import bench
 import llama
-import ppo
+import train
 from support import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def test_ppo_bench_counts_what_each_phase_did():
     assert phases == [("decoding step", "", ""), ("rollout", "", "")] + [
         p for mb in ("2", "4") for p in [("rollout", mb, "")] + [(name, mb, c) for name, c in step]]
 
-    cfg, epochs = llama.PRESETS["tiny"], ppo.PPOConfig().ppo_epochs
+    cfg, epochs = llama.PRESETS["tiny"], train.Args().ppo_epochs
     policy, value, reward_model = bench.ppo_models(cfg, torch.device("cpu"), torch.float32)
     frozen = sum(p.numel() for m in (policy, reward_model) for p in m.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for m in (policy, value) for p in m.parameters() if p.requires_grad)

@@ -206,6 +206,21 @@ def test_a_full_disk_leaves_the_previous_checkpoint_whole(setup, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_full_disk_while_writing_an_eval_file_names_it(setup, tmp_path):
+    out = tmp_path / "o"
+
+    def small_files():  # every file may grow to 1000 bytes: step 0's evaluation file cannot be written
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                        *base_args(setup, out, "--eval-prompts", str(setup / "prompts.json"))],
+                       cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert r.returncode == 1 and r.stderr == f"error: could not write {out}/eval/step0000.json (File too large); any " \
+                                             "earlier step0000.json is unchanged\n", r.stderr
+    assert os.listdir(out / "eval") == [], "no partial file is left"
+
+
+@pytest.mark.slow
 def test_activation_checkpointing_changes_no_number(setup, tmp_path):
     """--activation-checkpointing recomputes each block in backward with the dropout masks of the forward, so a
     run gives exactly the metrics and adapter of the run without it (on the CPU the default is off)."""
@@ -385,6 +400,12 @@ BAD = {
                                "checkpoint/state.pt is not a readable checkpoint file"),
     "resume_other_settings": (resume_with(None, None, "--lr", "2e-3"),
                               "checkpoint was written with other settings: --lr 0.001 -> 0.002"),
+    "seed_overflow": (flag("--seed", str(10 ** 20)), "--seed must be in [0, 2**63), got 100000000000000000000"),
+    "no_room": (flag("--max-new-tokens", "100000"), "--max-new-tokens 100000 leaves no room for a prompt in the "
+                                                    "policy's context of 256 tokens"),
+    "jsonl_line_2": (prompts_file('{"instruction": "a"}\n{"instruction": b}\n'), "malformed JSON on line 2"),
+    "resume_other_rank_count": (resume_with("checkpoint/rng-rank1.pt", b"x"),
+                                "was written by 2 rank(s), this run has 1; resume it with torchrun --nproc_per_node=2"),
     # a NaN during the run
     "nan": (flag("--lr", "1e30"), "stopped at PPO step 1, the checkpoint of step 0"),  # 1e30 overflows
 }
@@ -411,6 +432,20 @@ def test_bad_input_ends_in_one_line(setup, uninterrupted, tmp_path, case, capsys
         assert files() == before
 
 
+def test_resume_refuses_to_move_a_schedule_that_ends_at_steps(uninterrupted, tmp_path):
+    """Without --decay-steps the learning rate reaches 0 at --steps: resuming with other --steps would run steps at
+    lr 0 (or jump the schedule), so it is refused in one line naming --decay-steps."""
+    from support import rundir
+    shutil.copytree(uninterrupted, tmp_path / "o")
+    file = tmp_path / "o" / "checkpoint" / "state.pt"
+    state = torch.load(file, weights_only=True)
+    state["args"]["decay_steps"] = None  # as the small world's runs: the schedule ends at --steps (4)
+    torch.save(state, file)
+    with pytest.raises(ValueError, match=re.escape("checkpoint's learning rate decays to 0 at its --steps 4 "
+                                                   "(--decay-steps unset); --steps 5 would change that schedule")):
+        rundir.resume(str(tmp_path / "o"), 0, {**state["args"], "steps": 5}, ("steps",), None, None, None, None, None)
+
+
 def test_every_range_check_names_its_flag():
     """Each entry of support/config.py's RANGES refuses a value out of range in one message naming its flag; the
     paper's defaults and the small world pass them all. Every field of Args has its doc (the flag's help), and
@@ -421,6 +456,10 @@ def test_every_range_check_names_its_flag():
     good = ["--policy", "p", "--reward", "r", "--prompts", "x"]
     config.parse(train.Args, train.WORLD, [])
     config.parse(train.Args, train.WORLD, good)
+    for flag in ("--eval-prompts", "--tokenizer"):  # files of real checkpoints: never ignored in the small world
+        with pytest.raises(ValueError, match=f"{flag} applies to real checkpoints: the small world has its own"):
+            config.parse(train.Args, train.WORLD, [flag, "x.json"])
+        config.parse(train.Args, train.WORLD, good + [flag, "x.json"])
     for name, (test, what) in config.RANGES.items():
         flag = "--" + name.replace("_", "-")
         bad = next(v for v in ("-1", "0", "1.5", "nan", "inf") if not test(float(v)))  # -1 or 0 for the ints

@@ -339,7 +339,11 @@ def alive(pid):
         return False
     except PermissionError:
         pass
-    return True
+    try:  # a process that has exited but not yet been reaped by its parent (a zombie) is not building anything
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # not Linux
+        return True
 
 
 def wait_for_other_build(out, log, poll=2.0):
