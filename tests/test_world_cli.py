@@ -32,9 +32,10 @@ def test_world_build_refuses_bad_sizes_in_one_line(tmp_path, flags, line):
     assert os.listdir(tmp_path) == [], "a refused build leaves nothing behind"
 
 
-def test_world_build_refuses_a_file_as_out(tmp_path):
+@pytest.mark.parametrize("out", ["notes.txt", "notes.txt/seed0"])  # the second as train.py --world-dir notes.txt
+def test_world_build_refuses_a_file_as_out(tmp_path, out):
     (tmp_path / "notes.txt").write_text("mine")
-    r = run("world.build", "--out", str(tmp_path / "notes.txt"))
+    r = run("world.build", "--out", str(tmp_path / out))
     assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'notes.txt'} is a file, not a directory to build " \
                                              "the world into\n", r.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"

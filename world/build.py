@@ -410,8 +410,9 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
         return paths
     cfg = cfg or WorldConfig()
     spec = {"seed": seed, **asdict(cfg)}
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"{out} is a file, not a directory to build the world into")
+    for d in (out, os.path.dirname(os.path.abspath(out))):
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise ValueError(f"{d} is a file, not a directory to build the world into")
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"{out} exists but holds no {LAYOUT['info']}; delete it or use another directory")
     if wait_for_other_build(out, log):
