@@ -25,8 +25,9 @@ def check_batches(args, world_size):
                        ("--step-batch-size", args.step_batch_size, world_size),
                        ("--step-batch-size per rank", args.step_batch_size // world_size, args.micro_batch_size)):
         if n % d:
+            hint = f"; e.g. --micro-batch-size {n}" if what.endswith("per rank") and n > 0 else ""
             raise ValueError(f"{what} = {n} is not divisible by {d} (rollout = k x step batch, step batch = "
-                             f"ranks x micro-batches x k)")
+                             f"ranks x micro-batches x k){hint}")
     return args.rollout_batch_size // world_size
 
 

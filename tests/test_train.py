@@ -631,3 +631,14 @@ def test_evaluation_prompts_are_kept_whole_unless_they_cannot_be_answered(setup,
                          f"{size(records[1])} tokens, which leave no room for --max-new-tokens {new})")
     with pytest.raises(ValueError, match=r"long.json: no prompt leaves room for --max-new-tokens"):
         data.read(dataclasses.replace(args, eval_prompts=str(tmp_path / "long.json")), lines.append)
+
+
+def test_two_ranks_of_the_small_world_are_told_the_micro_batch_that_fits():
+    """The small world's step batch (32) split over two ranks is 16 per rank: its micro-batch of 32 cannot nest, and
+    the one line says which does (the README's two-rank command)."""
+    import train
+    from support import plan
+    with pytest.raises(ValueError, match=re.escape("per rank = 16 is not divisible by 32 (rollout = k x step batch, "
+                                                   "step batch = ranks x micro-batches x k); e.g. --micro-batch-size 16")):
+        plan.check_batches(train.WORLD, 2)
+    assert plan.check_batches(dataclasses.replace(train.WORLD, micro_batch_size=16), 2) == 32
