@@ -112,17 +112,6 @@ def get_estimator(name):
     return ESTIMATORS[name]
 
 
-def estimator_moments(estimator, logp, logq):
-    """Exact mean and variance of estimator(log p(y), log q(y)) under y ~ p, summing over the last dim.
-    logp, logq: (..., V) normalized log-probs. Tokens with p = 0 are never sampled and contribute 0."""
-    f = get_estimator(estimator) if isinstance(estimator, str) else estimator
-    p = logp.exp()
-    vals = torch.where(p > 0, f(logp, logq), 0.0)                 # (..., V)
-    mean = (p * vals).sum(-1)
-    var = (p * (vals - mean.unsqueeze(-1)) ** 2).sum(-1)
-    return mean, var
-
-
 # ---- true divergences over the whole vocabulary ----------------------------------------------------
 
 def _kl_rows(logp, logq):                      # (n, V) -> (n,); 0 log 0 = 0, p > 0 = q gives +inf

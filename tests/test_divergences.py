@@ -37,7 +37,7 @@ def np_log_softmax(x):
 
 
 def moments(name, logp, logq):
-    mean, var = D.estimator_moments(name, logp, logq)
+    mean, var = tables.estimator_moments(name, logp, logq)
     return mean.item(), var.item()
 
 

@@ -6,7 +6,7 @@ The README's two tables of the penalties, from exact sums (no sampling), on fixe
     python -m tools.tables --gradients      # "What the penalties do to the gradient" (gradients.py)
 
 What the penalties estimate: each estimator's exact expectation E_p[f], its bias against the divergence it is meant
-to estimate and its standard deviation, by summing over a 1,000-token vocabulary (divergences.estimator_moments).
+to estimate and its standard deviation, by summing over a 1,000-token vocabulary (estimator_moments).
 What they do to the gradient: for a tabular policy (V = 4 tokens, T = 3 steps, all V^T sequences summed), each
 penalty in the reward and as a loss, compared with grad KL (grad JS for the JS rows) of the sequence distributions.
 tests/test_divergences.py and tests/test_gradients.py assert the numbers printed.
@@ -49,6 +49,17 @@ def demo_policy(scale, V=4, T=3, seed=0):
 
 # ---- what the penalties estimate -----------------------------------------------------------------------
 
+def estimator_moments(estimator, logp, logq):
+    """Exact mean and variance of estimator(log p(y), log q(y)) under y ~ p, summing over the last dim.
+    logp, logq: (..., V) normalized log-probs. Tokens with p = 0 are never sampled and contribute 0."""
+    f = D.get_estimator(estimator) if isinstance(estimator, str) else estimator
+    p = logp.exp()
+    vals = torch.where(p > 0, f(logp, logq), 0.0)                 # (..., V)
+    mean = (p * vals).sum(-1)
+    var = (p * (vals - mean.unsqueeze(-1)) ** 2).sum(-1)
+    return mean, var
+
+
 def divergence_table(scales=DEMO_SCALES):
     """Rows (pair, estimator, target, target value, E_p[f], bias, std) for the demo pairs."""
     rows = []
@@ -58,7 +69,7 @@ def divergence_table(scales=DEMO_SCALES):
                 "JS": D.js_true(logp, logq, dtype=torch.float64).item()}
         true.update({"-KL": -true["KL"], "0": 0.0})
         for name in D.ESTIMATORS:
-            mean, var = D.estimator_moments(name, logp, logq)
+            mean, var = estimator_moments(name, logp, logq)
             target = true[D.TARGETS[name]]
             rows.append((pair, name, D.TARGETS[name], target, mean.item(), mean.item() - target, var.sqrt().item()))
     return rows
