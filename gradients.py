@@ -106,13 +106,3 @@ def as_loss(name, logits, ref_logits, y):
     w = token_logprobs(logits, y).sum(-1).exp().detach()     # (N,) pi_theta(y)
     return grad((w * penalties(name, logits, ref_logits, y).sum(-1)).sum(), logits)
 
-
-def compare(g, g_true):
-    """(relative error ||g - g*|| / ||g*||, size ||g|| / ||g*||, cosine); cosine None when g = 0 (up to
-    float64 rounding). Size and cosine determine the error: error^2 = 1 + size^2 - 2 size cosine."""
-    g, g_true = g.flatten(), g_true.flatten()
-    rel, size = ((g - g_true).norm() / g_true.norm()).item(), (g.norm() / g_true.norm()).item()
-    if size <= 1e-12:
-        return rel, size, None
-    return rel, size, (g @ g_true / (g.norm() * g_true.norm())).item()
-

@@ -153,7 +153,7 @@ def test_k2_and_k3_in_the_reward_vanish_when_close():
     for scale in (0.01, 0.1):
         y, logits, ref_logits, g_kl = setup(scale)
         for name in ("bregman", "squared", "kl"):
-            size[name, scale] = G.compare(G.in_reward(name, logits, ref_logits, y), g_kl)[1]
+            size[name, scale] = tables.compare(G.in_reward(name, logits, ref_logits, y), g_kl)[1]
     for name in ("bregman", "squared"):
         assert 0.09 < size[name, 0.01] / size[name, 0.1] < 0.11 and size[name, 0.1] < 0.05, name
     assert size["kl", 0.01] == pytest.approx(1.0, abs=TOL)          # control: kl's push is grad KL's at any scale
