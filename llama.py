@@ -48,12 +48,6 @@ PRESETS = {
 }
 
 
-def get_preset(name):
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
 # ----------------------------------------------------------------------------- the network
 
 class RMSNorm(nn.Module):

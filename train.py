@@ -176,9 +176,7 @@ def load_models(args, devices, log):
     else:
         ref, reward_model = None, frozen(checkpoints.load_reward_model(args.reward, dev, dtype))
         value = ValueModel(reward_model.backbone, **lora_kw)
-    if args.max_prompt_tokens + args.max_new_tokens > policy.cfg.max_seq_len:
-        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
-                         f"exceed the policy's context of {policy.cfg.max_seq_len} tokens")
+    plan.check_context(args, policy.cfg)  # prompt + response fit the policy's context
     policy.activation_checkpointing = value.backbone.activation_checkpointing = plan.use_checkpointing(args, dev)
     log(f"devices: policy + value on {dev}, reference + reward model on {devices[-1]}; "
         f"{policy.output.weight.dtype}, {dist.get_world_size() if dist.is_initialized() else 1} rank(s)")

@@ -17,7 +17,7 @@ from world import preferences
 
 def tiny_reward_model(seed=0):
     torch.manual_seed(seed)
-    model = reward.RewardModel(llama.get_preset("tiny"))
+    model = reward.RewardModel(llama.PRESETS["tiny"])
     torch.nn.init.normal_(model.reward_head.weight, std=0.5)    # a non-trivial head
     torch.nn.init.normal_(model.reward_head.bias, std=0.5)
     return model.eval()
