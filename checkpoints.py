@@ -16,7 +16,6 @@ we do not implement; every write is atomic (support/files.py).
     rm = load_reward_model("reward-model-human", device="cuda", dtype=torch.bfloat16)
     save_adapter(policy, "out/adapter")
 """
-import glob
 import os
 import re
 
@@ -130,14 +129,6 @@ def llama_config_fields(cfg):
 # -----------------------------------------------------------------------------
 # LLaMA weights
 
-def weight_files(path):
-    for pattern in ("*.safetensors", "pytorch_model*.bin", "consolidated.*.pth"):
-        found = sorted(glob.glob(os.path.join(path, pattern)))
-        if found:
-            return found
-    raise FileNotFoundError(f"{path}: no weights (*.safetensors, pytorch_model*.bin or consolidated.*.pth)")
-
-
 def join_shards(name, parts, shape, file):
     """One tensor from Meta's model-parallel shards: replicated (norms), or split along the one dimension whose
     sizes add up to the model's (LLaMA-3 splits tok_embeddings by vocabulary, LLaMA-1/2 by model width)."""
@@ -149,7 +140,7 @@ def join_shards(name, parts, shape, file):
 def iter_tensors(path, shapes=None):
     """(name, tensor) over all weight files of a checkpoint directory, one tensor in memory at a time. shapes: the
     model's tensor shapes by checkpoint name, to join Meta's model-parallel shards."""
-    weights = weight_files(path)
+    weights = formats.weight_files(path)
     formats.check_shards(path, weights)
     if weights[0].endswith(".safetensors"):
         for file in weights:
@@ -263,14 +254,7 @@ def save_adapter(model, dir, base_model_name_or_path=None):
 
 
 def read_adapter_weights(dir):
-    st, bin_ = os.path.join(dir, "adapter_model.safetensors"), os.path.join(dir, "adapter_model.bin")
-    if os.path.isfile(st):
-        with formats.open_safetensors(st) as f:
-            path, sd = st, {k: f.get_tensor(k) for k in f.keys()}
-    elif os.path.isfile(bin_):
-        path, sd = bin_, formats.load_pt(bin_)
-    else:
-        raise FileNotFoundError(f"{dir}: neither adapter_model.safetensors nor adapter_model.bin found")
+    path, sd = formats.read_adapter_file(dir)  # adapter_model.safetensors, else adapter_model.bin
     # some writers keep PEFT's adapter name in the key (lora_A.default.weight); saved files usually don't
     return path, {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
                   for k, v in sd.items()}

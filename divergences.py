@@ -10,9 +10,10 @@ divergence", http://joschu.net/blog/kl-approx.html (k1 = kl, k2 = squared, k3 = 
 kl_true / js_true sum over the whole vocabulary from two logit tensors (paper Fig. 2), in fp32,
 chunked over B*T rows so a (B, T, 32000) batch never materializes more than chunk_size rows at once.
 
-Run `python divergences.py` to print the table "What the penalties estimate" (exact expectations
-and standard deviations by summing over a 1,000-token vocabulary; tests/test_divergences.py asserts
-the same quantities), then gradients.py's table of what each penalty does to the gradient.
+Run `python -m tools.tables --divergences` to print the table "What the penalties estimate" (exact
+expectations and standard deviations by summing over a 1,000-token vocabulary; tests/test_divergences.py
+asserts the same quantities); `python -m tools.tables` adds gradients.py's table of what each penalty
+does to the gradient.
 """
 import math
 
@@ -111,17 +112,6 @@ def get_estimator(name):
     return ESTIMATORS[name]
 
 
-def estimator_moments(estimator, logp, logq):
-    """Exact mean and variance of estimator(log p(y), log q(y)) under y ~ p, summing over the last dim.
-    logp, logq: (..., V) normalized log-probs. Tokens with p = 0 are never sampled and contribute 0."""
-    f = get_estimator(estimator) if isinstance(estimator, str) else estimator
-    p = logp.exp()
-    vals = torch.where(p > 0, f(logp, logq), 0.0)                 # (..., V)
-    mean = (p * vals).sum(-1)
-    var = (p * (vals - mean.unsqueeze(-1)) ** 2).sum(-1)
-    return mean, var
-
-
 # ---- true divergences over the whole vocabulary ----------------------------------------------------
 
 def _kl_rows(logp, logq):                      # (n, V) -> (n,); 0 log 0 = 0, p > 0 = q gives +inf
@@ -170,47 +160,3 @@ def masked_mean(values, mask):
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
-
-# ---- the README table ------------------------------------------------------------------------------
-
-def demo_pair(scale, V=1000, seed=0):
-    """A fixed pair of categorical distributions: policy logits ~ 2 N(0, 1), reference logits =
-    policy logits + scale * N(0, 1). Returns float64 log-probs (logp, logq), each (V,)."""
-    g = torch.Generator().manual_seed(seed)
-    logits = 2.0 * torch.randn(V, generator=g, dtype=torch.float64)
-    ref_logits = logits + scale * torch.randn(V, generator=g, dtype=torch.float64)
-    return F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
-
-
-DEMO_SCALES = {"close": 0.1, "medium": 0.5, "far": 2.0}   # true KL ~ 0.005, ~ 0.1, ~ 1.6 nats
-
-
-def table(scales=DEMO_SCALES):
-    """Rows (pair, estimator, target, target value, E_p[f], bias, std) for the demo pairs."""
-    rows = []
-    for pair, scale in scales.items():
-        logp, logq = demo_pair(scale)
-        true = {"KL": kl_true(logp, logq, dtype=torch.float64).item(),
-                "JS": js_true(logp, logq, dtype=torch.float64).item()}
-        true.update({"-KL": -true["KL"], "0": 0.0})
-        for name in ESTIMATORS:
-            mean, var = estimator_moments(name, logp, logq)
-            target = true[TARGETS[name]]
-            rows.append((pair, name, TARGETS[name], target, mean.item(), mean.item() - target, var.sqrt().item()))
-    return rows
-
-
-if __name__ == "__main__":
-    rows = table()
-    pairs = list(DEMO_SCALES)
-    for pair in pairs:
-        kl_, js_ = (next(r[3] for r in rows if r[0] == pair and r[2] == t) for t in ("KL", "JS"))
-        print(f"{pair}: reference logits = policy logits + {DEMO_SCALES[pair]} N(0, 1); KL = {kl_:.5f}, JS = {js_:.5f}")
-    print("\n| estimator | estimates | " + " | ".join(f"{p}: E_p[f] | bias | std" for p in pairs) + " |")
-    print("|---|---|" + "---:|" * 3 * len(pairs))
-    for name in ESTIMATORS:
-        cells = []
-        for pair, _, _, target, mean, bias, std in (r for r in rows if r[1] == name):
-            bias = 0.0 if abs(bias) < 1e-12 else bias             # exact zeros, not rounding noise
-            cells.append(f"{mean:.5f} | {bias:+.5f} | {std:.4f}")
-        print(f"| {name} | {TARGETS[name]} | " + " | ".join(cells) + " |")

@@ -22,7 +22,7 @@ gradients come from autograd. See Schulman (2020), "Approximating KL divergence"
 
 The table assumes gamma = lambda = 1 (undiscounted reward-to-go, no bootstrapping); ppo.py's GAE
 defaults to lambda = 0.95, which bootstraps from the value model, so there the table holds only as far
-as the values are exact. Run `python gradients.py` for the table
+as the values are exact. Run `python -m tools.tables --gradients` for the table
 "What the penalties do to the gradient"; tests/test_gradients.py asserts the exact identities.
 """
 import itertools
@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 import divergences as D
 
-PLACEMENTS = ("reward", "loss")
 AGAINST = {name: "JS" if D.TARGETS[name] == "JS" else "KL" for name in D.ESTIMATORS}   # grad of what
 
 
@@ -57,17 +56,6 @@ def token_logprobs(logits, y):
     """log pi(y_t | y_<t) of every token of every sequence: logits (sum_t V^t, V), y (N, T) -> (N, T)."""
     logp = F.log_softmax(logits, dim=-1)[prefix_rows(y, logits.shape[-1])]     # (N, T, V)
     return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-
-def demo_policy(scale, V=4, T=3, seed=0):
-    """A fixed pair of tabular policies over V tokens and T steps: policy logits ~ 2 N(0, 1), reference
-    logits = policy logits + scale * N(0, 1). Returns float64 (logits, ref_logits), each (sum_t V^t, V),
-    the policy's with requires_grad."""
-    g = torch.Generator().manual_seed(seed)
-    n = sum(V ** t for t in range(T))
-    logits = 2.0 * torch.randn(n, V, generator=g, dtype=torch.float64)
-    ref_logits = logits + scale * torch.randn(n, V, generator=g, dtype=torch.float64)
-    return logits.requires_grad_(), ref_logits
 
 
 def grad(scalar, logits):
@@ -118,52 +106,3 @@ def as_loss(name, logits, ref_logits, y):
     w = token_logprobs(logits, y).sum(-1).exp().detach()     # (N,) pi_theta(y)
     return grad((w * penalties(name, logits, ref_logits, y).sum(-1)).sum(), logits)
 
-
-def compare(g, g_true):
-    """(relative error ||g - g*|| / ||g*||, size ||g|| / ||g*||, cosine); cosine None when g = 0 (up to
-    float64 rounding). Size and cosine determine the error: error^2 = 1 + size^2 - 2 size cosine."""
-    g, g_true = g.flatten(), g_true.flatten()
-    rel, size = ((g - g_true).norm() / g_true.norm()).item(), (g.norm() / g_true.norm()).item()
-    if size <= 1e-12:
-        return rel, size, None
-    return rel, size, (g @ g_true / (g.norm() * g_true.norm())).item()
-
-
-# ---- the README table -------------------------------------------------------------------------------
-
-def table(scales=D.DEMO_SCALES, V=4, T=3):
-    """Per pair: (KL, JS, cos(grad JS, grad KL)); rows (pair, estimator, placement, compared to, error,
-    size, cosine)."""
-    y = sequences(V, T)
-    pairs, rows = {}, []
-    for pair, scale in scales.items():
-        logits, ref_logits = demo_policy(scale, V, T)
-        value = {k: true_divergence(k, logits, ref_logits, y) for k in ("KL", "JS")}
-        g_true = {k: grad(v, logits) for k, v in value.items()}
-        pairs[pair] = (value["KL"].item(), value["JS"].item(), compare(g_true["JS"], g_true["KL"])[2])
-        for name in D.ESTIMATORS:
-            for placement, fn in (("reward", in_reward), ("loss", as_loss)):
-                g = fn(name, logits, ref_logits, y)
-                rows.append((pair, name, placement, AGAINST[name], *compare(g, g_true[AGAINST[name]])))
-    return pairs, rows
-
-
-def print_table(scales=D.DEMO_SCALES, V=4, T=3):
-    pairs, rows = table(scales, V, T)
-    print(f"tabular policy, V = {V} tokens, T = {T} steps: exact sums over {V ** T} sequences")
-    for pair, (kl_, js_, cos) in pairs.items():
-        print(f"{pair}: reference logits = policy logits + {scales[pair]} N(0, 1); "
-              f"sequence KL = {kl_:.5f}, JS = {js_:.5f}, cos(grad JS, grad KL) = {cos:.3f}")
-    print("\n| estimator | placement | vs | " + " | ".join(f"{p}: error | size | cosine" for p in pairs) + " |")
-    print("|---|---|---|" + "---:|" * 3 * len(pairs))
-    for name in D.ESTIMATORS:
-        for placement in PLACEMENTS:
-            cells = []
-            for _, _, _, target, rel, size, cos in (r for r in rows if r[1] == name and r[2] == placement):
-                rel = 0.0 if rel < 1e-12 else rel                     # exact zeros, not rounding noise
-                cells.append(f"{rel:.3f} | {size:.3f} | " + ("n/a" if cos is None else f"{cos:+.3f}"))
-            print(f"| {name} | {placement} | grad {target} | " + " | ".join(cells) + " |")
-
-
-if __name__ == "__main__":
-    print_table()

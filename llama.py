@@ -14,8 +14,6 @@ top-p, EOS, optionally a CUDA graph) of sample.py and the PPO rollout.
     out, out_mask = generate(model, tokens, mask, max_new_tokens=32, temperature=1.0, eos_id=2)
 """
 import math
-import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from support import cudagraph
+from support import cudagraph, formats
 
 
 @dataclass
@@ -48,12 +46,6 @@ PRESETS = {
     "tiny": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=176, max_seq_len=256),
     "small": LlamaConfig(dim=768, n_layers=8, n_heads=12, vocab_size=32000, hidden_dim=2048, max_seq_len=1024),
 }
-
-
-def get_preset(name):
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
 
 
 # ----------------------------------------------------------------------------- the network
@@ -296,18 +288,7 @@ def last_index(mask):
 
 class Tokenizer:
     def __init__(self, model_path):
-        if not os.path.exists(model_path):
-            raise FileNotFoundError(f"tokenizer {model_path} does not exist")
-        import sentencepiece as spm
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=model_path)
-        except RuntimeError:  # sentencepiece's "could not parse ModelProto": say what the file is instead
-            with open(model_path, "rb") as f:
-                head = f.read(256)
-            what = ("is tiktoken BPE text (lines of 'base64-token rank': LLaMA-3's tokenizer)"
-                    if re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head) else "cannot be parsed")
-            raise ValueError(f"{model_path} {what}; expected a sentencepiece model (the tokenizer.model of "
-                             f"LLaMA-1/2 and AlpacaFarm)") from None
+        self.sp = formats.open_sentencepiece(model_path)  # a missing file or another kind of tokenizer is refused
         self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0  # LLaMA has none; masks make any id safe
 

@@ -176,19 +176,10 @@ def load_models(args, devices, log):
     else:
         ref, reward_model = None, frozen(checkpoints.load_reward_model(args.reward, dev, dtype))
         value = ValueModel(reward_model.backbone, **lora_kw)
-    if args.max_prompt_tokens + args.max_new_tokens > policy.cfg.max_seq_len:
-        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
-                         f"exceed the policy's context of {policy.cfg.max_seq_len} tokens")
+    plan.check_context(args, policy.cfg)  # prompt + response fit the policy's context
     policy.activation_checkpointing = value.backbone.activation_checkpointing = plan.use_checkpointing(args, dev)
-    log(f"devices: policy + value on {dev}, reference + reward model on {devices[-1]}; "
-        f"{policy.output.weight.dtype}, {dist.get_world_size() if dist.is_initialized() else 1} rank(s)")
-    if len(devices) == 1:
-        log("         reference = policy, reward model = value backbone, both with adapters off")
-    log("         activation checkpointing " + ("on" if policy.activation_checkpointing else "off"))
     params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
-    n_train, (n_policy, n_base) = sum(p.numel() for p in params), lora.count_parameters(policy)
-    log(f"trainable: {n_train:,} (policy LoRA {n_policy:,}, value LoRA + head {n_train - n_policy:,}) of {n_base:,} "
-        f"policy parameters")
+    report.placement(devices, policy, params, log)  # devices, dtype, ranks, checkpointing, trainable counts
     for p in params if dist.is_initialized() else ():  # every rank starts from identical trainable weights
         dist.broadcast(p.data, 0)
     return policy, value, ref, reward_model, params

@@ -7,8 +7,10 @@ and the field (or tensor), e.g.
 
 checkpoints.py calls each check as one line where it reads the thing checked: config.json / params.json fields,
 Meta's model-parallel shards, tensor names and shapes, PyTorch pickles (tensors only), PEFT adapter_config.json
-fields beyond plain LoRA, AlpacaFarm reward configs and prompt files.
+fields beyond plain LoRA, AlpacaFarm reward configs and prompt files; llama.Tokenizer opens its tokenizer.model
+through open_sentencepiece, which names a tokenizer of another kind.
 """
+import glob
 import json
 import os
 import pickle
@@ -119,6 +121,22 @@ def find_tokenizer(file, candidates):
     return tok[0]
 
 
+def open_sentencepiece(model_path):
+    """A sentencepiece processor for model_path; a missing file, or one of another kind, is refused by name."""
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(f"tokenizer {model_path} does not exist")
+    import sentencepiece as spm
+    try:
+        return spm.SentencePieceProcessor(model_file=model_path)
+    except RuntimeError:  # sentencepiece's "could not parse ModelProto": say what the file is instead
+        with open(model_path, "rb") as f:
+            head = f.read(256)
+        what = ("is tiktoken BPE text (lines of 'base64-token rank': LLaMA-3's tokenizer)"
+                if re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head) else "cannot be parsed")
+        raise ValueError(f"{model_path} {what}; expected a sentencepiece model (the tokenizer.model of "
+                         f"LLaMA-1/2 and AlpacaFarm)") from None
+
+
 def check_heads(cfg, file):
     """Heads split dim evenly into heads of even size (rotary turns pairs); kv heads divide the query heads."""
     names = ("hidden_size", "num_attention_heads", "num_key_value_heads") if file.endswith("config.json") else \
@@ -131,6 +149,15 @@ def check_heads(cfg, file):
 
 # -----------------------------------------------------------------------------
 # weight files: readable, tensors only, complete, of the config's shapes, nothing foreign
+
+def weight_files(path):
+    """The weight files of a checkpoint directory, of the first layout found; none at all is refused."""
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "consolidated.*.pth"):
+        found = sorted(glob.glob(os.path.join(path, pattern)))
+        if found:
+            return found
+    raise FileNotFoundError(f"{path}: no weights (*.safetensors, pytorch_model*.bin or consolidated.*.pth)")
+
 
 def open_safetensors(file):
     from safetensors import SafetensorError, safe_open
@@ -219,6 +246,17 @@ PEFT_PLAIN = {"peft_type": ("LORA",), "r": None, "lora_alpha": None, "lora_dropo
               "task_type": None, "base_model_name_or_path": None, "revision": None, "inference_mode": None,
               "auto_mapping": None, "peft_version": None, "layers_pattern": None, "megatron_core": None,
               "qalora_group_size": None, "runtime_config": None}
+
+
+def read_adapter_file(dir):
+    """(file, state dict) of an adapter's weights: adapter_model.safetensors, else adapter_model.bin."""
+    st, bin_ = os.path.join(dir, "adapter_model.safetensors"), os.path.join(dir, "adapter_model.bin")
+    if os.path.isfile(st):
+        with open_safetensors(st) as f:
+            return st, {k: f.get_tensor(k) for k in f.keys()}
+    if os.path.isfile(bin_):
+        return bin_, load_pt(bin_)
+    raise FileNotFoundError(f"{dir}: neither adapter_model.safetensors nor adapter_model.bin found")
 
 
 def check_adapter_config(c, path, modules):

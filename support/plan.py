@@ -18,6 +18,13 @@ from reward import RewardModel, ValueModel
 
 # ----------------------------------------------------------------------------- placement
 
+def get_preset(name):
+    """llama.PRESETS[name], for --preset (the dry run here, tools/bench.py); an unknown name is refused."""
+    if name not in llama.PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(llama.PRESETS)}")
+    return llama.PRESETS[name]
+
+
 def check_batches(args, world_size):
     """Prompts per rank; the batch sizes must nest: rollout = k x step batch, step batch = ranks x micro-batches x k."""
     for what, n, d in (("--rollout-batch-size", args.rollout_batch_size, world_size),
@@ -29,6 +36,13 @@ def check_batches(args, world_size):
             raise ValueError(f"{what} = {n} is not divisible by {d} (rollout = k x step batch, step batch = "
                              f"ranks x micro-batches x k){hint}")
     return args.rollout_batch_size // world_size
+
+
+def check_context(args, cfg):
+    """A prompt of --max-prompt-tokens and its response of --max-new-tokens must fit the policy's context."""
+    if args.max_prompt_tokens + args.max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
+                         f"exceed the policy's context of {cfg.max_seq_len} tokens")
 
 
 def pick_devices(spec, local_rank, local_world):
@@ -103,7 +117,7 @@ def micro_batches(args):
 
 def build(args):
     """(policy config, reward config, parameter counts): the real modules built on the meta device and counted once."""
-    pcfg = llama.get_preset(args.preset) if args.preset else checkpoints.read_config(args.policy)
+    pcfg = get_preset(args.preset) if args.preset else checkpoints.read_config(args.policy)
     rcfg = pcfg  # AlpacaFarm's reward model has the SFT model's shape; ours carry it in config.json
     if args.reward and not args.preset:
         try:

@@ -1,13 +1,14 @@
 """
 What a run reports after each PPO step: the held-out evaluation when due (sample.evaluate), one JSON line in
 OUT/metrics.jsonl and the console lines a reader sanity-checks; at the end the trainable weights' checksum and
-the final adapter. train.py calls `record` once per step and `finish` once.
+the final adapter. train.py calls `placement` once its models are loaded, `record` once per step and `finish` once.
 """
 import os
 
 import torch.distributed as dist
 
 import checkpoints
+import lora
 import sample
 from support import rundir
 
@@ -44,6 +45,18 @@ def console_lines(step, steps, s):
         lines.append(f"   eval | score {s['eval_score']:+.3f} | true KL {s['eval_true_kl']:.2f} | len "
                      f"{s['eval_length']:.1f}" + win)
     return "\n".join(lines)
+
+
+def placement(devices, policy, params, log):
+    """Where train.load_models put the models, in which dtype, on how many ranks, and how many parameters train."""
+    log(f"devices: policy + value on {devices[0]}, reference + reward model on {devices[-1]}; "
+        f"{policy.output.weight.dtype}, {dist.get_world_size() if dist.is_initialized() else 1} rank(s)")
+    if len(devices) == 1:
+        log("         reference = policy, reward model = value backbone, both with adapters off")
+    log("         activation checkpointing " + ("on" if policy.activation_checkpointing else "off"))
+    n_train, (n_policy, n_base) = sum(p.numel() for p in params), lora.count_parameters(policy)
+    log(f"trainable: {n_train:,} (policy LoRA {n_policy:,}, value LoRA + head {n_train - n_policy:,}) of {n_base:,} "
+        f"policy parameters")
 
 
 def finish(args, rank, params, policy, log):

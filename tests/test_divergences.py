@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import divergences as D
+from tools import tables
 
 K_SE = 5.0           # Monte-Carlo tolerance in standard errors: two-sided normal tail 5.7e-7 per check
 SCALES = [0.01, 0.025, 0.05, 0.1, 0.5, 2.0, 4.0]   # reference logits = policy logits + scale * noise
@@ -15,7 +16,7 @@ LN2 = math.log(2.0)
 
 
 def np_dists(scale, seed=0):
-    logp, logq = D.demo_pair(scale, seed=seed)
+    logp, logq = tables.demo_pair(scale, seed=seed)
     return logp, logq, logp.exp().numpy(), logq.exp().numpy()
 
 
@@ -36,7 +37,7 @@ def np_log_softmax(x):
 
 
 def moments(name, logp, logq):
-    mean, var = D.estimator_moments(name, logp, logq)
+    mean, var = tables.estimator_moments(name, logp, logq)
     return mean.item(), var.item()
 
 
@@ -324,10 +325,10 @@ def test_elementwise_any_shape_fp32_out():
         assert f(logp.bfloat16(), logq.bfloat16()).dtype == torch.float32, name
 
 
-# ---- the README table "What the penalties estimate" (python divergences.py) ------------------------
+# ---- the README table "What the penalties estimate" (python -m tools.tables) ---------------------
 
 def test_readme_table():
-    rows = {(pair, name): r for pair, name, *r in D.table()}
+    rows = {(pair, name): r for pair, name, *r in tables.divergence_table()}
     # (target value, E_p[f], std) as printed in the README, to the printed precision
     printed = {("close", "kl"): (0.00475, 0.00475, 0.0975), ("close", "bregman"): (0.00475, 0.00475, 0.0069),
                ("close", "squared"): (0.00475, 0.00476, 0.0069), ("close", "js"): (0.00119, 0.01899, 0.0137),

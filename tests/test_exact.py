@@ -12,7 +12,7 @@ from support import exact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ["train.py", "sample.py", "world/build.py", "world/judge.py", "tools/sweep.py", "tools/bench.py",
-                "tests/conftest.py"]
+                "tools/tables.py", "tests/conftest.py"]
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)

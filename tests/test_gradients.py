@@ -10,15 +10,16 @@ import torch
 
 import divergences as D
 import gradients as G
+from tools import tables
 
 TOL = 1e-12
 MISS = 1e-3
-PAIRS = list(D.DEMO_SCALES.items())          # close 0.1, medium 0.5, far 2.0: sequence KL 0.005, 0.12, 1.8
+PAIRS = list(tables.DEMO_SCALES.items())     # close 0.1, medium 0.5, far 2.0: sequence KL 0.005, 0.12, 1.8
 
 
 def setup(scale, T=3, V=4):
     y = G.sequences(V, T)
-    logits, ref_logits = G.demo_policy(scale, V, T)
+    logits, ref_logits = tables.demo_policy(scale, V, T)
     g_kl = G.grad(G.true_divergence("KL", logits, ref_logits, y), logits)
     return y, logits, ref_logits, g_kl
 
@@ -152,21 +153,21 @@ def test_k2_and_k3_in_the_reward_vanish_when_close():
     for scale in (0.01, 0.1):
         y, logits, ref_logits, g_kl = setup(scale)
         for name in ("bregman", "squared", "kl"):
-            size[name, scale] = G.compare(G.in_reward(name, logits, ref_logits, y), g_kl)[1]
+            size[name, scale] = tables.compare(G.in_reward(name, logits, ref_logits, y), g_kl)[1]
     for name in ("bregman", "squared"):
         assert 0.09 < size[name, 0.01] / size[name, 0.1] < 0.11 and size[name, 0.1] < 0.05, name
     assert size["kl", 0.01] == pytest.approx(1.0, abs=TOL)          # control: kl's push is grad KL's at any scale
 
 
 def test_readme_table():
-    pairs, rows = G.table()
+    pairs, rows = tables.gradient_table()
     printed = {"close": (0.00519, 0.00130, 1.000), "medium": (0.12499, 0.03071, 0.995),
                "far": (1.81259, 0.32318, 0.932)}                 # sequence KL, JS, cos(grad JS, grad KL)
     for pair, (kl, js, cos) in printed.items():
         got_kl, got_js, got_cos = pairs[pair]
         assert abs(got_kl - kl) <= 5e-6 and abs(got_js - js) <= 5e-6 and abs(got_cos - cos) <= 5e-4, pair
     got = {(pair, name, placement): cells for pair, name, placement, _, *cells in rows}
-    printed = {  # (error, size, cosine) as `python gradients.py` prints them, close / medium / far
+    printed = {  # (error, size, cosine) as `python -m tools.tables` prints them, close / medium / far
         ("kl", "reward"): [(0, 1, 1), (0, 1, 1), (0, 1, 1)],
         ("clamped_kl", "reward"): [(0.509, 0.549, 0.949), (0.465, 0.610, 0.948), (0.317, 0.785, 0.965)],
         ("clamped_kl", "loss"): [(5.703, 6.675, 0.976), (0.812, 1.656, 0.931), (0.599, 0.438, 0.950)],
@@ -181,9 +182,9 @@ def test_readme_table():
         ("negative_kl", "reward"): [(2, 1, -1), (2, 1, -1), (2, 1, -1)],
     }
     for (name, placement), cells in printed.items():
-        for pair, want in zip(D.DEMO_SCALES, cells):
+        for pair, want in zip(tables.DEMO_SCALES, cells):
             assert all(abs(a - b) <= 5e-4 for a, b in zip(got[(pair, name, placement)], want)), (pair, name, placement)
-    for pair in D.DEMO_SCALES:      # zero gradients: error 1, size 0, no direction
+    for pair in tables.DEMO_SCALES:      # zero gradients: error 1, size 0, no direction
         for key in [("kl", "loss"), ("negative_kl", "loss"), ("none", "reward"), ("none", "loss")]:
             rel, size, cos = got[(pair, *key)]
             assert rel == pytest.approx(1.0, abs=TOL) and size < TOL and cos is None, (pair, key)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import checkpoints
 import llama
 from llama import Llama, generate, left_pad
-from support import cudagraph
+from support import cudagraph, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = llama.PRESETS["tiny"]  # GQA: 4 query heads share 2 kv heads
@@ -528,4 +528,4 @@ def test_sample_bad_input_on_the_command_line(checkpoint):
 
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'llama-99b'; choose one of llama-7b"):
-        llama.get_preset("llama-99b")
+        plan.get_preset("llama-99b")

@@ -188,7 +188,7 @@ class TokenReward(torch.nn.Module):
 
 def tiny_models(seed=0, dropout=0.0, lr=1e-2):
     torch.manual_seed(seed)
-    cfg = llama.get_preset("tiny")
+    cfg = llama.PRESETS["tiny"]
     policy = llama.Llama(cfg)
     lora.add_lora(policy, rank=8, alpha=16, dropout=dropout)
     value = reward.ValueModel(llama.Llama(cfg), rank=8, alpha=16, dropout=dropout)
@@ -254,7 +254,7 @@ def test_rollout_matches_per_sequence_forwards():
 
 def test_reward_model_sharing_the_value_backbone_scores_without_value_adapters():
     policy, _, _ = tiny_models()
-    rm = reward.RewardModel(llama.get_preset("tiny"))
+    rm = reward.RewardModel(llama.PRESETS["tiny"])
     toks, mask = prompts(4)
     cfg = small_cfg(temperature=0.0)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """reward.py: Bradley-Terry loss, the score index under padding, AlpacaFarm checkpoint layout, value model,
-and a small preference-training run."""
+and a small preference-training run (world/preferences.py)."""
 import json
 import math
 import os
@@ -12,11 +12,12 @@ import checkpoints
 import llama
 import lora
 import reward
+from world import preferences
 
 
 def tiny_reward_model(seed=0):
     torch.manual_seed(seed)
-    model = reward.RewardModel(llama.get_preset("tiny"))
+    model = reward.RewardModel(llama.PRESETS["tiny"])
     torch.nn.init.normal_(model.reward_head.weight, std=0.5)    # a non-trivial head
     torch.nn.init.normal_(model.reward_head.bias, std=0.5)
     return model.eval()
@@ -204,7 +205,7 @@ def test_train_reward_model_learns_a_preference():
 
     train, held_out = [pair() for _ in range(96)], [pair() for _ in range(64)]
     model = tiny_reward_model()
-    before = reward.preference_accuracy(model, held_out)
-    acc = reward.train_reward_model(model, train, held_out, epochs=4, lr=3e-3, batch_size=16)
+    before = preferences.preference_accuracy(model, held_out)
+    acc = preferences.train_reward_model(model, train, held_out, epochs=4, lr=3e-3, batch_size=16)
     # 64 held-out pairs: a model at chance (0.5) reaches 0.9 with probability < 1e-10
     assert before < 0.75 and acc >= 0.9, (before, acc)

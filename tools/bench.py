@@ -50,7 +50,7 @@ import llama
 from support import cudagraph, plan
 import ppo
 import train
-from llama import Llama, generate, get_preset
+from llama import Llama, generate
 from lora import add_lora, count_parameters
 from reward import RewardModel, ValueModel
 
@@ -187,7 +187,8 @@ def print_ppo_header(args, device, dtype, n_trainable, gib, graph, limits):
 def bench_ppo(args, device, dtype):
     """One PPO step at a preset's shape: generate, score, then the update per micro-batch and checkpointing.
     Long because it is a list: one phase after another, each measured and printed as soon as it ends."""
-    cfg, P, N, R, G = get_preset(args.preset), args.prompt_len, args.new_tokens, args.rollout_batch, args.generate_batch
+    cfg = plan.get_preset(args.preset)
+    P, N, R, G = args.prompt_len, args.new_tokens, args.rollout_batch, args.generate_batch
     cuda, graph = device.type == "cuda", device.type == "cuda" and args.cuda_graph
     gib = lambda: torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
     policy, value, reward_model = ppo_models(cfg, device, dtype)
@@ -361,7 +362,7 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.ppo:
         return bench_ppo(args, device, dtype)
-    cfg = get_preset(args.preset)
+    cfg = plan.get_preset(args.preset)
     torch.manual_seed(0)
     model = Llama(cfg).to(device=device, dtype=dtype).eval()
     P, N = args.prompt_len, args.new_tokens

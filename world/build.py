@@ -39,6 +39,7 @@ import llama
 import reward
 from support import files
 from support.files import read_json
+from world.preferences import preference_accuracy, train_reward_model
 from world.tasks import TASKS, check, label_pairs, make_splits, mean_se, prefer, win_rate
 
 
@@ -291,8 +292,8 @@ def build_reward(d, cfg, seed, log):
     n_hold = max(1, int(cfg.rm_holdout * len(token_pairs)))
     rm = reward.RewardModel(policy.cfg)
     rm.backbone.load_state_dict(policy.state_dict())  # as AlpacaFarm: the reward model starts from the SFT model
-    rm_acc = reward.train_reward_model(rm, token_pairs[n_hold:], token_pairs[:n_hold], cfg.rm_epochs, cfg.rm_lr,
-                                       cfg.rm_batch_size, tok.pad_id, seed, log=lambda s: log("    " + s))
+    rm_acc = train_reward_model(rm, token_pairs[n_hold:], token_pairs[:n_hold], cfg.rm_epochs, cfg.rm_lr,
+                                cfg.rm_batch_size, tok.pad_id, seed, log=lambda s: log("    " + s))
     # on the held-out pairs: agreement with the gold annotator where it has a preference, and how often the
     # reward model prefers the longer response where the gold annotator prefers the shorter one
     gold, shorter = [], []
@@ -302,7 +303,7 @@ def build_reward(d, cfg, seed, log):
             gold.append((a, b) if g == 1.0 else (b, a))
             if len(a) != len(b) and (len(a) < len(b)) == (g == 1.0):
                 shorter.append((a, b) if g == 1.0 else (b, a))
-    acc = lambda ps: reward.preference_accuracy(rm, ps, cfg.rm_batch_size, tok.pad_id) if ps else float("nan")
+    acc = lambda ps: preference_accuracy(rm, ps, cfg.rm_batch_size, tok.pad_id) if ps else float("nan")
     info = {"accuracy": rm_acc, "gold_agreement": acc(gold), "gold_agreement_shorter_better": acc(shorter),
             "gold_pairs": len(gold), "shorter_better_pairs": len(shorter)}
     rm.eval()
