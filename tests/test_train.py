@@ -236,6 +236,7 @@ def test_activation_checkpointing_changes_no_number(setup, tmp_path):
     assert checksum(runs["--no-activation-checkpointing"]) == checksum(runs["--activation-checkpointing"])
 
 
+@pytest.mark.slow
 def test_a_new_run_never_overwrites_an_earlier_one(setup, tmp_path):
     out = tmp_path / "o"
     for i in (1, 2, 3):  # the same command three times into the same OUT

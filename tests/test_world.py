@@ -279,6 +279,7 @@ def test_bootstrap_is_idempotent_and_checks_settings(built):
         world.bootstrap(out, seed=1, cfg=TINY, log=None)
 
 
+@pytest.mark.slow
 def test_two_processes_build_byte_identical_worlds(built, tmp_path):
     """Every file of a world built in another process equals this process's build, byte for byte."""
     code = (f"from world import build as world; world.bootstrap({str(tmp_path / 'seed0')!r}, 0, world.{TINY!r}, log=None)")

@@ -1,9 +1,11 @@
 """The small world's command lines on bad input: one line naming the flag or file, no traceback, nothing left
 behind; and a second build of the same world waits for the first instead of doing the work twice."""
+import importlib
 import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +18,12 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+def main(capsys, module, *args):
+    """module.main(args) in this process (as `python -m module args`, less the start-up): exit status and stderr."""
+    code = importlib.import_module(module).main(list(args))
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("flags, line", [
     (["--sft-steps=-5"], "--sft-steps -5: must be at least 1"),        # was: an untrained world, silently
     (["--n-sft", "0"], "--n-sft 0: must be at least 1"),               # was: ZeroDivisionError deep in stage 3
@@ -26,8 +34,8 @@ def run(*args):
     (["--vocab-size", "50", "--n-sft", "100", "--n-pref", "10", "--n-ppo", "10", "--n-eval", "10"],
      "--vocab-size 50: sentencepiece cannot train it on this text (Vocabulary size is smaller than required_chars"),
 ])
-def test_world_build_refuses_bad_sizes_in_one_line(tmp_path, flags, line):
-    r = run("world.build", "--out", str(tmp_path / "seed0"), *flags)
+def test_world_build_refuses_bad_sizes_in_one_line(tmp_path, flags, line, capsys):
+    r = main(capsys, "world.build", "--out", str(tmp_path / "seed0"), *flags)
     assert r.returncode == 1 and r.stderr.startswith("error: " + line) and r.stderr.count("\n") == 1, r.stderr
     assert os.listdir(tmp_path) == [], "a refused build leaves nothing behind"
 
@@ -47,9 +55,9 @@ def test_world_build_refuses_a_file_as_out(tmp_path, out):
     ('[{"instruction": "Count from 1 to 3.", "input": ""}]', "record 0 is not an {instruction, input, output}"),
     ('[{"instruction": "x", "input": "", "output": "y"', "malformed JSON"),
 ])
-def test_world_judge_refuses_bad_outputs_in_one_line(tmp_path, content, line):
+def test_world_judge_refuses_bad_outputs_in_one_line(tmp_path, content, line, capsys):
     (tmp_path / "out.json").write_text(content)
-    r = run("world.judge", str(tmp_path / "out.json"))
+    r = main(capsys, "world.judge", str(tmp_path / "out.json"))
     assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / 'out.json'}") and line in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
 
