@@ -187,7 +187,7 @@ def test_win_rate_and_mean_se_match_float64():
 
 
 
-def test_judge_prints_the_win_rates_of_hand_written_outputs(tmp_path):
+def test_judge_prints_the_win_rates_of_hand_written_outputs(tmp_path, capsys):
     """python -m world.judge A --against B --world W on four count prompts whose verdicts are known by the gold rules
     (right beats wrong; else the closer to the right answer; else a tie). Against the references, A wins
     1, 1/2, 1, 0 and B wins 1/2, 0, 1/2, 0: A 62.5% with SE sqrt(0.6875 / 3 / 4) = 23.9; A - B per prompt
@@ -213,9 +213,10 @@ def test_judge_prints_the_win_rates_of_hand_written_outputs(tmp_path):
     # outputs for other prompts, or in another order, are refused in one line
     with open(tmp_path / "c.json", "w") as f:
         json.dump([{"instruction": i, "input": "", "output": o} for (i, _), o in zip(prompts[::-1], a)], f)
-    p = judge(str(tmp_path / "c.json"))
-    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1
-    assert "c.json does not hold outputs for the prompts of" in p.stderr, p.stderr
+    from world import judge as judge_module  # in this process: the command line is tested above
+    assert judge_module.main([str(tmp_path / "c.json"), "--world", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "c.json does not hold outputs for the prompts of" in err, err
 
 
 # ----------------------------------------------------------------------------- the build
