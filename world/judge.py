@@ -32,10 +32,11 @@ def read_outputs(file):
 def judge(outputs_file, eval_file, baseline_file=None):
     """The gold annotator's verdict on a file of outputs (AlpacaEval's JSON list, as train.py writes into
     OUT/eval/) for the world's evaluation prompts, and optionally against another such file, paired by prompt."""
+    files = [outputs_file] + ([baseline_file] if baseline_file else [])
+    outputs = [read_outputs(file) for file in files]  # the files given are checked first, then the world's
     records = read_json(eval_file)
     texts = []
-    for file in [outputs_file] + ([baseline_file] if baseline_file else []):
-        outs = read_outputs(file)
+    for file, outs in zip(files, outputs):
         if [(o["instruction"], o.get("input") or "") for o in outs] != [(r["instruction"], r["input"]) for r in records]:
             raise ValueError(f"{file} does not hold outputs for the prompts of {eval_file}, in their order")
         texts.append([o["output"] for o in outs])
