@@ -13,7 +13,10 @@ With --template alpaca (the default) each prompt is wrapped in the Alpaca templa
 trained on. --temperature 0 is greedy decoding, as the paper's evaluation. --adapter loads a PEFT LoRA
 adapter (ours or one trained with PEFT on the same base); --merge folds it into W first (faster decoding).
 """
-import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
+import support.exact  # first: the CPU kernels pinned before torch runs one
+
+if __name__ == "__main__":
+    support.exact.quiet_interrupt()  # Ctrl-C while torch loads: one line and status 130, as later in the run
 
 import argparse
 import os

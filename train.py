@@ -12,7 +12,10 @@ of four. `torchrun --nproc_per_node=N` runs N data-parallel ranks; each rolls ou
 the trainable gradients (LoRA + value head) are all-reduced. Outputs: OUT/metrics.jsonl (a line per step),
 OUT/checkpoint (for --resume), OUT/adapter (the final policy adapter, PEFT layout), OUT/eval (responses).
 """
-import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
+import support.exact  # first: the CPU kernels pinned before torch runs one
+
+if __name__ == "__main__":
+    support.exact.quiet_interrupt()  # Ctrl-C while torch loads: one line and status 130, as later in the run
 
 import dataclasses
 import os

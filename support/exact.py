@@ -8,6 +8,7 @@ Two libraries pick their kernels by the processor, and the kernels round differe
   reproducibility mode makes them depend on the values alone (and not on the thread count). On other
   processors MKL's default path already does, and turning the mode on there would only move its digits.
 Each is read once, at the library's first kernel; set either variable yourself to choose otherwise.
+quiet_interrupt() is the scripts' other before-torch step: Ctrl-C while torch loads ends in one line.
 """
 import os
 
@@ -24,3 +25,15 @@ def intel_cpu():
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 if intel_cpu():
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
+def quiet_interrupt():
+    """Ctrl-C before the run's own handlers are in place (torch takes seconds to load): one line on stderr and exit
+    status 130 instead of a traceback through the imports. Scripts call it first, when run as scripts."""
+    import signal
+    import sys
+
+    def stop(*_):
+        print("interrupted (SIGINT) while starting", file=sys.stderr)
+        sys.exit(130)
+    signal.signal(signal.SIGINT, stop)

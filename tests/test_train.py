@@ -643,3 +643,15 @@ def test_two_ranks_of_the_small_world_are_told_the_micro_batch_that_fits():
                                                    "step batch = ranks x micro-batches x k); e.g. --micro-batch-size 16")):
         plan.check_batches(train.WORLD, 2)
     assert plan.check_batches(dataclasses.replace(train.WORLD, micro_batch_size=16), 2) == 32
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_ctrl_c_while_torch_loads_is_one_line(script):
+    """SIGINT in the first second, while the imports run (torch takes longer than that to load): one line and
+    status 130, not a traceback through the imports."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err == "interrupted (SIGINT) while starting\n" and out == "", (p.returncode, err)
