@@ -20,6 +20,7 @@ if __name__ == "__main__":
 
 import argparse
 import os
+import signal
 import sys
 
 import torch
@@ -135,12 +136,16 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main(), with bad input ending in one line on stderr and exit status 1."""
+    """main(), with bad input ending in one line on stderr and exit status 1 (130 after Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is a KeyboardInterrupt again
     try:
         main(argv)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # an --out being written is left whole or not at all (atomic)
+        print("interrupted (SIGINT)", file=sys.stderr)
+        return 130
     return 0
 
 

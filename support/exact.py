@@ -33,7 +33,7 @@ def quiet_interrupt():
     import signal
     import sys
 
-    def stop(*_):
-        print("interrupted (SIGINT) while starting", file=sys.stderr)
-        sys.exit(130)
+    def stop(*_):  # nothing is written yet; os._exit, since an import in progress may swallow SystemExit
+        print("interrupted (SIGINT) while starting", file=sys.stderr, flush=True)
+        os._exit(130)
     signal.signal(signal.SIGINT, stop)
