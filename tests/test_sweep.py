@@ -225,7 +225,10 @@ def test_bad_input_is_one_line(tmp_path):
         f.write("{oops")  # corrupts the first line
     for args, msg in ((["--report-only", "--out", str(tmp_path / "empty")], "no run of"),
                       (["--report-only", "--out", str(tmp_path), "--configs", "kl"], "metrics.jsonl: line 1 is not JSON"),
-                      (["--configs", "none@0.1"], "no penalty")):
+                      (["--configs", "none@0.1"], "no penalty"),
+                      # train.py's checks before any run starts (each used to fail in all 65 runs, one by one)
+                      (["--seeds", "-1", "--out", str(tmp_path / "s")], "--seed must be in [0, 2**63), got -1"),
+                      (["--out", str(tmp_path / "s"), "--", "--bogus", "1"], "unrecognized arguments: --bogus 1")):
         p = subprocess.run([sys.executable, "-m", "tools.sweep", *args], capture_output=True, text=True,
                            cwd=ROOT)
         assert p.returncode == 1 and msg in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr

@@ -24,6 +24,8 @@ The plots need matplotlib (optional: `pip install matplotlib`); without it only 
 import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -32,6 +34,8 @@ import subprocess
 import sys
 import time
 
+import train
+from support import config
 from world.tasks import mean_se
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -392,6 +396,16 @@ def save(fig, out, name):
     return os.path.join(out, name)
 
 
+def check_train_args(targs):
+    """train.py's flag checks on one run's arguments: one ValueError naming the flag (argparse's own complaint, e.g.
+    an unknown flag after --, is caught rather than printed with its usage)."""
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            config.parse(train.Args, train.WORLD, targs)
+        except SystemExit:
+            raise ValueError(err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]) from None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -416,6 +430,10 @@ def main(argv=None):
         raise ValueError(f"{' '.join(owned)} after --: the sweep sets {', '.join(OWNED)} itself (use its own options)")
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a directory of runs")
+    for spec, seed in [(spec, s) for s in args.seeds for spec in args.configs]:  # train.py's own checks, before any run
+        check_train_args(train_args(spec, seed, args.steps, args.kl_coef, args.lr, args.out, extra))
     failed = []
     if not args.report_only:
         todo, specs = [], [(spec, s) for s in args.seeds for spec in args.configs]  # seed-major: early rows all
