@@ -5,7 +5,7 @@ LLaMA in one file: the network every model of RLHF is built from (policy, refere
                       -> RMSNorm -> SwiGLU MLP -> residual) -> RMSNorm -> output head
 
 Touvron et al. 2023 (arXiv 2302.13971), with Meta's parameter names (wq, w1, attention_norm, ...);
-checkpoints.py reads and writes the Hugging Face and Meta layouts. Left-padded batches are first-class: a
+checkpoints.py reads the Hugging Face and Meta layouts and writes Hugging Face's. Left-padded batches are first-class: a
 (B, T) mask marks real tokens and positions start at 0 on each sequence's first one, so a padded row gives
 the logits of that sequence alone. `generate` is the one batched sampler (static KV cache, temperature,
 top-p, EOS, optionally a CUDA graph) of sample.py and the PPO rollout.

@@ -1,4 +1,4 @@
-"""Reward model, value model, and stage 2 of RLHF (Bradley-Terry preference training).
+"""Reward model, value model, and stage 2's Bradley-Terry loss (world/preferences.py fits the small world's).
 
 RewardModel: a LLaMA backbone + nn.Linear(dim, 1); the score r(x, y) is read from the final hidden state
 of the last real token (left or right padding, positions from the mask), in fp32. Its parameter names

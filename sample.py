@@ -1,4 +1,4 @@
-"""
+r"""
 Sample completions from a LLaMA checkpoint (Hugging Face or Meta layout), batched, with a KV cache; and
 `evaluate`, the paper's evaluation of a policy on held-out prompts, which train.py runs every --eval-every steps.
 

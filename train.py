@@ -1,4 +1,4 @@
-"""
+r"""
 The paper's experiment in one flat script: PPO with LoRA on LLaMA (Sun, Gupta & Iyyer 2023, Sec. 3).
 
     torchrun train.py --estimator js                     # no checkpoints: the built-in small world, on CPU

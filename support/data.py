@@ -14,15 +14,15 @@ from support import rundir
 
 
 def small_world(args, rank, log):
-    """args pointing at the built-in small world's files, and the world (its annotator judges evaluations).
-    Rank 0 builds it once; the others wait, then read the finished directory."""
-    from world import build as world
+    """args pointing at the built-in small world's files, and world/tasks.py (its gold annotator judges the
+    evaluations: win_rate, check). Rank 0 builds the world once; the others wait, then read the finished directory."""
+    from world import build, tasks
     world_dir = os.path.join(args.world_dir, f"seed{args.world_seed}")
-    paths = world.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
+    paths = build.bootstrap(world_dir, seed=args.world_seed, log=log) if rank == 0 else None
     rundir.barrier()
-    paths = paths or world.bootstrap(world_dir, seed=args.world_seed, log=None)
+    paths = paths or build.bootstrap(world_dir, seed=args.world_seed, log=None)
     return dataclasses.replace(args, policy=paths["policy"], reward=paths["reward"], prompts=paths["prompts"],
-                               eval_prompts=paths["eval"]), world
+                               eval_prompts=paths["eval"]), tasks
 
 
 def read(args, log):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -95,3 +96,12 @@ def test_ppo_bench_counts_what_each_phase_did():
         times[key] = seconds
     # the plan's invariants: checkpointing keeps less for the update, a larger micro-batch more
     assert planned(4, True, 2) < planned(4, False, 2) and planned(2, False, 2) < planned(4, False, 2)
+
+
+@pytest.mark.parametrize("flags, message", [(["--repeats", "0"], "--repeats must be at least 1, got 0"),
+                                            (["--threads", "0"], "--threads must be at least 1, got 0")]
+                         + ([] if torch.cuda.is_available() else
+                            [(["--device", "cuda"], "--device cuda: this machine has no CUDA device")]))
+def test_bad_flags_are_refused_before_any_work(flags, message):
+    with pytest.raises(ValueError, match=message):
+        bench.main(flags)

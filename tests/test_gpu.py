@@ -18,9 +18,7 @@ import os
 import pytest
 import torch
 
-import llama
 import lora
-import ppo
 import train
 from llama import Llama, LlamaConfig, generate, left_pad
 from reward import RewardModel, ValueModel
@@ -106,12 +104,6 @@ def test_bf16_base_with_fp32_lora_trains_on_the_device():
         assert (p.grad != 0).float().mean().item() > 0.9
         assert ((p != p0) | (p.grad == 0)).float().mean().item() > 0.99
     assert all(m.weight.grad is None for _, _, m in layers)      # W stays frozen
-
-
-def rollout(policy, value, reward_model, prompts, mask, cfg, kl_coef, eos_id, ref_model=None, generator=None):
-    responses, rmask = ppo.generate_responses(policy, prompts, mask, cfg, eos_id, generator=generator)
-    return ppo.score_rollout(policy, value, reward_model, prompts, mask, responses, rmask, cfg, kl_coef, eos_id,
-                             ref_model=ref_model)
 
 
 def test_rollout_reference_adapters_off_equals_separate_model():

@@ -1,5 +1,5 @@
 """The layout as a reader meets it: the top-level files are the lesson and import only each other (no cycle, nothing
-from tools/ or world/ but train.py's one named use of world.build), and the README fits a screen and runs as shown."""
+from tools/ or world/: support/data.py builds the world), and the README fits a screen and runs as shown."""
 import ast
 import os
 import re

@@ -46,13 +46,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-import llama
-from support import cudagraph, plan
 import ppo
 import train
 from llama import Llama, generate
 from lora import add_lora, count_parameters
 from reward import RewardModel, ValueModel
+from support import cudagraph, plan
 
 
 def hardware(device):
@@ -356,9 +355,14 @@ def bench_training(model, args, device):
 def main(argv=None):
     """The flags, then one benchmark after another: generation with and without the cache, fwd+bwd; or --ppo."""
     args = parse_args(argv)
+    for flag, ok in (("--threads", args.threads is None or args.threads >= 1), ("--repeats", args.repeats >= 1)):
+        if not ok:
+            raise ValueError(f"{flag} must be at least 1, got {getattr(args, flag[2:])}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.ppo:
         return bench_ppo(args, device, dtype)

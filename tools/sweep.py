@@ -1,5 +1,5 @@
 """
-The paper's Table 1 and Figures 1-3 in miniature: every regularizer, several PPO seeds, on the built-in small world.
+The paper's Table 1 and Figures 1-4 in miniature: every regularizer, several PPO seeds, on the built-in small world.
 
     python -m tools.sweep                                   # every configuration below x seeds 0-4 -> runs/sweep
     python -m tools.sweep --configs js kl none --seeds 0 1 --steps 20 --out runs/small -- --rollout-batch-size 32
