@@ -3,6 +3,7 @@ parallel runner with a stand-in for train.py, and optional matplotlib."""
 import json
 import math
 import os
+import re
 import random
 import statistics
 import subprocess
@@ -229,6 +230,8 @@ def test_bad_input_is_one_line(tmp_path):
                       # train.py's checks before any run starts (each used to fail in all 65 runs, one by one)
                       (["--seeds", "-1", "--out", str(tmp_path / "s")], "--seed must be in [0, 2**63), got -1"),
                       (["--out", str(tmp_path / "s"), "--", "--bogus", "1"], "unrecognized arguments: --bogus 1")):
-        p = subprocess.run([sys.executable, "-m", "tools.sweep", *args], capture_output=True, text=True,
-                           cwd=ROOT)
-        assert p.returncode == 1 and msg in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+        with pytest.raises(ValueError, match=re.escape(msg)):  # in this process; the command line once below
+            sweep.main(args)
+    p = subprocess.run([sys.executable, "-m", "tools.sweep", "--configs", "none@0.1"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert p.returncode == 1 and "no penalty" in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
