@@ -179,7 +179,6 @@ def load_models(args, devices, log):
     else:
         ref, reward_model = None, frozen(checkpoints.load_reward_model(args.reward, dev, dtype))
         value = ValueModel(reward_model.backbone, **lora_kw)
-    plan.check_context(args, policy.cfg)  # prompt + response fit the policy's context
     policy.activation_checkpointing = value.backbone.activation_checkpointing = plan.use_checkpointing(args, dev)
     params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
     report.placement(devices, policy, params, log)  # devices, dtype, ranks, checkpointing, trainable counts

@@ -10,7 +10,7 @@ import torch
 
 import checkpoints
 import llama
-from support import rundir
+from support import plan, rundir
 
 
 def small_world(args, rank, log):
@@ -29,10 +29,8 @@ def read(args, log):
     """The tokenizer, the PPO prompts as token lists (in the Alpaca template; longer than --max-prompt-tokens
     dropped, as AlpacaFarm does) and the held-out evaluation records (or None)."""
     tokenizer = llama.Tokenizer(args.tokenizer or os.path.join(args.policy, "tokenizer.model"))
-    context = checkpoints.read_config(args.policy).max_seq_len
-    if args.max_new_tokens >= context:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the policy's context "
-                         f"of {context} tokens ({args.policy})")
+    cfg = checkpoints.read_config(args.policy)
+    plan.check_context(args, cfg)  # before any prompt is dropped for lack of room
     prompts = [tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))
                for r in checkpoints.read_prompts(args.prompts)]
     kept = [p for p in prompts if len(p) <= args.max_prompt_tokens]
@@ -44,7 +42,7 @@ def read(args, log):
         return tokenizer, kept, None
     # held out: every prompt is kept (an evaluation set is compared whole) unless it cannot be answered at all
     evals = checkpoints.read_prompts(args.eval_prompts)
-    room = context - args.max_new_tokens
+    room = cfg.max_seq_len - args.max_new_tokens
     fits = [r for r in evals if len(tokenizer.encode(llama.alpaca_prompt(r["instruction"], r["input"]))) <= room]
     if len(fits) < len(evals):
         log(f"eval prompts: {len(fits)} of {len(evals)} from {args.eval_prompts} (dropped {len(evals) - len(fits)} "

@@ -404,7 +404,7 @@ BAD = {
     "resume_other_settings": (resume_with(None, None, "--lr", "2e-3"),
                               "checkpoint was written with other settings: --lr 0.001 -> 0.002"),
     "seed_overflow": (flag("--seed", str(10 ** 20)), "--seed must be in [0, 2**63), got 100000000000000000000"),
-    "no_room": (flag("--max-new-tokens", "100000"), "--max-new-tokens 100000 leaves no room for a prompt in the "
+    "no_room": (flag("--max-new-tokens", "100000"), "--max-prompt-tokens 192 + --max-new-tokens 100000 exceed the "
                                                     "policy's context of 256 tokens"),
     "jsonl_line_2": (prompts_file('{"instruction": "a"}\n{"instruction": b}\n'), "malformed JSON on line 2"),
     "resume_other_rank_count": (resume_with("checkpoint/rng-rank1.pt", b"x"),
