@@ -4,6 +4,7 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -71,3 +72,15 @@ def test_a_second_build_waits_for_the_first(tmp_path):
     assert other.poll() is not None and time.time() - t >= 0.5
     other.wait()
     assert not build.wait_for_other_build(str(tmp_path / "seed0"), lines.append), "a dead builder is not waited for"
+
+
+def test_a_build_that_waited_takes_the_world_as_it_was_asked(tmp_path):
+    """cfg=None (train.py's call) takes whatever world the other build finished, here one of other sizes."""
+    out = tmp_path / "seed0"
+    code = (f"import json, os, time; time.sleep(0.5); os.makedirs({str(out)!r}); "
+            f"json.dump({{'config': {{'seed': 0, 'n_sft': 64}}}}, open({str(out / 'world.json')!r}, 'w'))")
+    other = subprocess.Popen([sys.executable, "-c", code])
+    (tmp_path / f"seed0.tmp-{other.pid}").mkdir()
+    threading.Thread(target=other.wait).start()  # reaped when it ends, as its own parent would
+    paths = build.bootstrap(str(out), 0, None, log=None)
+    assert paths["info"] == str(out / "world.json")

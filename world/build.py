@@ -401,7 +401,7 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
     log = log or (lambda *a: None)
     say = lambda text: log(textwrap.fill(text, 100, subsequent_indent=" " * 8))  # within 100 columns
     paths = {k: os.path.join(out, v) for k, v in LAYOUT.items()}
-    cfg = cfg and cfg.check()
+    asked, cfg = cfg, cfg and cfg.check()
     if os.path.exists(paths["info"]):
         built = read_world(paths["info"])["config"]
         spec = {"seed": seed, **asdict(cfg)} if cfg is not None else {**built, "seed": seed}
@@ -416,8 +416,8 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
             raise ValueError(f"{d} is a file, not a directory to build the world into")
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"{out} exists but holds no {LAYOUT['info']}; delete it or use another directory")
-    if wait_for_other_build(out, log):
-        return bootstrap(out, seed, cfg, log)
+    if wait_for_other_build(out, log):  # then take its world as the caller asked (cfg=None: as it is)
+        return bootstrap(out, seed, asked, log)
     when = " (about 5 minutes on 2 CPU cores)" if cfg == WorldConfig() else ""
     say(f"[world] building the small world into {out}: once{when}, then reused")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
