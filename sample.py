@@ -68,22 +68,38 @@ def respond(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0
                                             for ids, m in zip(out.tolist(), out_mask.tolist())]
 
 
+def right_pad(seqs, pad_id=0):
+    """list of token lists -> tokens (B, N) and mask (B, N), padded on the right (as llama.generate returns them)."""
+    N = max(len(s) for s in seqs)
+    return (torch.tensor([list(s) + [pad_id] * (N - len(s)) for s in seqs], dtype=torch.long),
+            torch.tensor([[1] * len(s) + [0] * (N - len(s)) for s in seqs], dtype=torch.long))
+
+
 @torch.no_grad()
 def evaluate(policy, ref, reward_model, tokenizer, records, max_new_tokens, batch_size, world=None, out_file=None,
-             generator_name=None):
+             generator_name=None, generate_batch_size=None):
     """The paper's evaluation of a policy: greedy responses to held-out prompts, with their mean reward-model
     score, exact KL to the reference (per response) and length; with the small world also its gold annotator's
-    win rate against the reference outputs and the task accuracy. out_file: the responses as AlpacaEval JSON."""
+    win rate against the reference outputs and the task accuracy. out_file: the responses as AlpacaEval JSON.
+    The responses are generated generate_batch_size prompts at a time (default: batch_size) and scored batch_size at
+    a time; a row's numbers do not depend on which rows share its batch, so both sizes are only about speed."""
     policy.eval()
     prompts = [tokenizer.encode(alpaca_prompt(r["instruction"], r["input"])) for r in records]
-    texts, score, kl, length = [], [], [], []
-    for tokens, mask, out, out_mask, batch_texts in respond(policy, tokenizer, prompts, max_new_tokens, batch_size):
+    texts, responses = [], []  # responses: token lists, EOS included
+    for *_, out, out_mask, batch_texts in respond(policy, tokenizer, prompts, max_new_tokens,
+                                                  generate_batch_size or batch_size):
+        responses += [ids[:n] for ids, n in zip(out.tolist(), out_mask.sum(1).tolist())]
+        texts += batch_texts
+    score, kl, length = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        tokens, mask = left_pad(prompts[i:i + batch_size], tokenizer.pad_id)                      # (b, P)
+        out, out_mask = right_pad(responses[i:i + batch_size], tokenizer.pad_id)                  # (b, N)
+        tokens, mask, out, out_mask = (x.to(ppo.device_of(policy)) for x in (tokens, mask, out, out_mask))
         full, full_mask = torch.cat([tokens, out], 1), torch.cat([mask, out_mask], 1)
         _, _, true_kl, _ = ppo.policy_and_reference(policy, ref, full, full_mask, out, out_mask, tokens.shape[1], 1.0)
         score.append(ppo.reward_score(reward_model, full, full_mask, tokenizer.eos_id).cpu())
         kl.append((true_kl * out_mask).sum(1).cpu())
         length.append(out_mask.sum(1).float().cpu())
-        texts += batch_texts
     stats = dict(eval_score=torch.cat(score).mean().item(), eval_true_kl=torch.cat(kl).mean().item(),
                  eval_length=torch.cat(length).mean().item())
     if world is not None:

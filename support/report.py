@@ -28,7 +28,7 @@ def evaluate(step, policy, ref, reward_model, tokenizer, records, args, rank, wo
     # OUT/eval/stepNNNN.json
     out_file = os.path.join(args.out, "eval", f"step{step:04d}.json") if rank == 0 else None
     return sample.evaluate(policy, ref, reward_model, tokenizer, records, args.max_new_tokens, args.micro_batch_size,
-                           world, out_file, f"lora-rlhf-{args.estimator}-step{step}")
+                           world, out_file, f"lora-rlhf-{args.estimator}-step{step}", args.generate_batch_size)
 
 
 def console_lines(step, steps, s):

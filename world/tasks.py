@@ -20,6 +20,7 @@ preferences and judge win rates. Here each ingredient is a program:
 
     python -m pytest tests/test_world.py
 """
+import functools
 import math
 import random
 import re
@@ -202,6 +203,7 @@ def make_splits(seed, n_sft, n_pref, n_ppo, n_eval, p_hard=0.6, p_slip=0.05, ref
 # -----------------------------------------------------------------------------
 # the annotators
 
+@functools.lru_cache(maxsize=1 << 16)  # every evaluation judges the same answers against many repeated responses
 def edit_distance(a, b):
     # Levenshtein distance between two strings, one row at a time
     row = list(range(len(b) + 1))
