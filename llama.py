@@ -114,10 +114,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
 
-    def keep(self, rows):
-        # rows (B,) bool: only these go on decoding; the others' keys and values are dropped
-        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
-
     def update(self, layer, k, v, slots):
         # k, v (B, n_kv, T, hd) written at slots (T,) -> every slot's keys and values (B, n_kv, L, hd)
         self.k[layer].index_copy_(2, slots, k)
@@ -188,10 +184,9 @@ class Llama(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # keep only each block's input for backward and recompute the rest there (set by the training script)
         self.activation_checkpointing = False
-        # fresh weights (tests, the small world): N(0, 0.02) as in GPT-2; checkpoints overwrite them. A model built
-        # on the meta device (checkpoints.empty_model) has no values to draw: skipped, it saves ~1 s per model
+        # fresh weights (tests, the small world): N(0, 0.02) as in GPT-2; checkpoints overwrite them
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not m.weight.is_meta:
+            if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
 
     def hidden(self, tokens, mask=None, cache=None, start=None):
@@ -278,12 +273,10 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_p=1.0, eo
             break
         if cuda_graph and t == 0:
             step = cudagraph.capture(step, next_token[:, None], start)
-        live = ~done[rows]  # of the rows the cache holds, those still decoding
-        if not cuda_graph and 4 * live.sum().item() <= 3 * len(rows):  # a quarter of them finished: drop those
-            rows = rows[live]                                         # (a row's numbers never depend on the others')
-            cache.keep(live)
-        # finished rows still held keep decoding their (valid) samples, masked out above and never returned; dropped
-        # rows keep their last logits, so that sampling draws the same random numbers whichever rows are held
+        live = ~done[rows]  # of the rows the cache holds, those still decoding; once a quarter finished, drop those
+        if not cuda_graph and 4 * live.sum().item() <= 3 * len(rows):  # (a row's numbers never depend on the others')
+            rows, cache.k, cache.v, cache.valid = rows[live], cache.k[:, live], cache.v[:, live], cache.valid[live]
+        # held finished rows decode on (their samples masked out above); dropped ones keep their logits: same draws
         logits = logits.index_copy(0, rows, step(next_token[rows, None], start))
         start += 1
     return torch.stack(out, 1), torch.stack(out_mask, 1).long()

@@ -66,8 +66,7 @@ class LoRALinear(nn.Module):
         if self.disabled or self.merged:  # W x alone, or W already holds W + scale B A
             assert not (self.disabled and self.merged), "adapters are merged into W; unmerge() before disabling"
             return y
-        x = self.dropout(x) if self.training and self.dropout.p > 0 else x  # (a no-op call costs ~30 us)
-        h = F.linear(x, self.lora_A.to(x.dtype))  # (..., rank)
+        h = F.linear(self.dropout(x) if self.training else x, self.lora_A.to(x.dtype))  # (..., rank); eval: no call
         return y + self.scale * F.linear(h, self.lora_B.to(x.dtype))
 
     def delta_weight(self):  # (out, in) = (alpha / rank) B A, in the LoRA dtype

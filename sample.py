@@ -57,22 +57,20 @@ def parse_args(argv=None):
 
 
 def respond(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, top_p=1.0, generator=None):
-    """Responses to prompts (token lists), one batch at a time: yields the left-padded prompts and their mask
-    (b, P), the responses and their mask (b, N) on the model's device, and the response texts."""
+    """Responses to prompts (token lists), batch_size at a time: yields them as token lists (EOS included) and texts."""
     device = next(model.parameters()).device
     for i in range(0, len(prompts), batch_size):
         tokens, mask = (x.to(device) for x in left_pad(prompts[i:i + batch_size], tokenizer.pad_id))
         out, out_mask = generate(model, tokens, mask, max_new_tokens, temperature, top_p, tokenizer.eos_id,
                                  tokenizer.pad_id, generator)
-        yield tokens, mask, out, out_mask, [tokenizer.decode([t for t, keep in zip(ids, m) if keep]).strip()
-                                            for ids, m in zip(out.tolist(), out_mask.tolist())]
+        ids = [row[:n] for row, n in zip(out.tolist(), out_mask.sum(1).tolist())]
+        yield ids, [tokenizer.decode(r).strip() for r in ids]
 
 
-def right_pad(seqs, pad_id=0):
-    """list of token lists -> tokens (B, N) and mask (B, N), padded on the right (as llama.generate returns them)."""
+def right_pad(seqs, pad_id=0):  # token lists -> tokens, mask (B, N), padded on the right as generate returns them
     N = max(len(s) for s in seqs)
-    return (torch.tensor([list(s) + [pad_id] * (N - len(s)) for s in seqs], dtype=torch.long),
-            torch.tensor([[1] * len(s) + [0] * (N - len(s)) for s in seqs], dtype=torch.long))
+    return torch.tensor([s + [pad_id] * (N - len(s)) for s in seqs]), torch.tensor([[1] * len(s) + [0] * (N - len(s))
+                                                                                   for s in seqs])
 
 
 @torch.no_grad()
@@ -80,17 +78,13 @@ def evaluate(policy, ref, reward_model, tokenizer, records, max_new_tokens, batc
              generator_name=None, generate_batch_size=None):
     """The paper's evaluation of a policy: greedy responses to held-out prompts, with their mean reward-model
     score, exact KL to the reference (per response) and length; with the small world also its gold annotator's
-    win rate against the reference outputs and the task accuracy. out_file: the responses as AlpacaEval JSON.
-    The responses are generated generate_batch_size prompts at a time (default: batch_size) and scored batch_size at
-    a time; a row's numbers do not depend on which rows share its batch, so both sizes are only about speed."""
+    win rate against the reference outputs and the task accuracy. out_file: the responses as AlpacaEval JSON. Decoded
+    generate_batch_size (default: batch_size; no response depends on it), scored batch_size prompts at a time."""
     policy.eval()
     prompts = [tokenizer.encode(alpaca_prompt(r["instruction"], r["input"])) for r in records]
-    texts, responses = [], []  # responses: token lists, EOS included
-    for *_, out, out_mask, batch_texts in respond(policy, tokenizer, prompts, max_new_tokens,
-                                                  generate_batch_size or batch_size):
-        responses += [ids[:n] for ids, n in zip(out.tolist(), out_mask.sum(1).tolist())]
-        texts += batch_texts
-    score, kl, length = [], [], []
+    responses, texts, score, kl, length = [], [], [], [], []  # responses: token lists, EOS included
+    for ids, batch_texts in respond(policy, tokenizer, prompts, max_new_tokens, generate_batch_size or batch_size):
+        responses, texts = responses + ids, texts + batch_texts
     for i in range(0, len(prompts), batch_size):
         tokens, mask = left_pad(prompts[i:i + batch_size], tokenizer.pad_id)                      # (b, P)
         out, out_mask = right_pad(responses[i:i + batch_size], tokenizer.pad_id)                  # (b, N)
@@ -139,7 +133,7 @@ def main(argv=None):
     generator = torch.Generator(args.device).manual_seed(args.seed)
 
     outputs = []
-    for *_, texts in respond(model, tokenizer, prompts, n_new, args.batch_size, args.temperature, args.top_p,
+    for _, texts in respond(model, tokenizer, prompts, n_new, args.batch_size, args.temperature, args.top_p,
                              generator):
         for r, text in zip(records[len(outputs):], texts):
             outputs.append(text)

@@ -4,6 +4,7 @@ OUT/metrics.jsonl and the console lines a reader sanity-checks; at the end the t
 the final adapter. train.py calls `placement` once its models are loaded, `record` once per step and `finish` once.
 """
 import os
+import time
 
 import torch.distributed as dist
 
@@ -17,7 +18,9 @@ def record(step, stats, args, rank, log, models, tokenizer, records, world):
     """stats with the evaluation on the held-out records (if any) at every --eval-every-th and the last step,
     appended to OUT/metrics.jsonl and printed; models = (policy, reference, reward model)."""
     if records and (step % args.eval_every == 0 or step == args.steps):
+        t0 = time.time()
         stats = {**stats, **evaluate(step, *models, tokenizer, records, args, rank, world)}
+        stats["time_eval"] = time.time() - t0
     rundir.append_metrics(os.path.join(args.out, "metrics.jsonl"), {"step": step, **stats}, rank)
     log(console_lines(step, args.steps, stats))
     return stats

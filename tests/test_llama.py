@@ -368,6 +368,23 @@ def test_generate_through_a_recorded_step(monkeypatch):
     assert eager[1].sum(1).min() < eager[1].shape[1]  # a row stopped at EOS
 
 
+def test_dropping_finished_rows_changes_no_token():
+    """generate stops computing rows that emitted EOS once a quarter of the held rows have: every row's sampled
+    tokens up to its EOS are those of the same seed's run in which no row stops (eos_id None), so neither the
+    logits of the rows still decoding nor the random numbers each row draws depend on which rows are held."""
+    model = tiny()
+    tokens, mask = left_pad([TOKENS[i % 2, j:j + 3 + i].tolist() for i, j in enumerate(range(8))])  # (8, P)
+    run = lambda eos: generate(model, tokens, mask, 16, temperature=1.0, eos_id=eos,
+                               generator=torch.Generator().manual_seed(5))
+    free, _ = run(None)  # (8, 16): every row decodes 16 tokens
+    eos = torch.mode(free[:, :8].flatten()).values.item()  # the token most often drawn early stops rows early
+    out, out_mask = run(eos)
+    n = out_mask.sum(1)
+    assert (n < n.max()).sum() >= 2 and len(set(n.tolist())) > 2, n  # rows dropped (a quarter of 8), at several lengths
+    for b in range(8):
+        assert out[b, :n[b]].tolist() == free[b, :n[b]].tolist(), b
+
+
 def test_sampling_respects_top_p_and_seed():
     model = tiny()
     tokens, mask = left_pad([TOKENS[0, :4].tolist()] * 64)

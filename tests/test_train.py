@@ -591,6 +591,8 @@ def test_evaluate_against_each_prompt_alone_in_float64(setup, tmp_path):
     assert stats["eval_score"] == pytest.approx(sum(score) / len(score), rel=1e-4, abs=1e-6)
     assert stats["eval_length"] == sum(length) / len(length)
     assert set(stats) == {"eval_true_kl", "eval_score", "eval_length"}  # no world: no annotator
+    for g in (2, 5):  # the responses decoded in other batches: the same numbers, bit for bit
+        assert sample.evaluate(policy, None, rm, tok, records, 6, 3, generate_batch_size=g) == stats, g
     assert json.load(open(out_file)) == [{"instruction": r["instruction"], "input": r["input"], "output": t,
                                           "generator": "g"} for r, t in zip(records, texts)]
 

@@ -160,6 +160,22 @@ def run_all(jobs, n_parallel, threads, every=60.0):
     return failed
 
 
+def throughput(runs, seconds):
+    """The world's speed, to compare one change with the next: PPO steps per second and 60-step runs per hour over
+    the sweep's wall time, and where the runs spent their time (from each step's time_* fields in metrics.jsonl)."""
+    phases = dict(generate="time_generate", score="time_score", update="time_train", evaluate="time_eval")
+    total = dict.fromkeys(phases, 0.0)
+    steps = 0
+    for run in runs:
+        for step, m in read_metrics(run).items():
+            steps += step > 0
+            for name, key in phases.items():
+                total[name] += m.get(key, 0.0)
+    busy = sum(total.values()) or float("nan")
+    return (f"throughput: {steps / seconds:.2f} PPO steps/s, {3600 * steps / seconds / 60:.0f} 60-step runs/hour; "
+            "time in runs: " + ", ".join(f"{name} {100 * t / busy:.0f}%" for name, t in total.items()))
+
+
 # -----------------------------------------------------------------------------
 # report
 
@@ -453,6 +469,8 @@ def main(argv=None):
         failed = run_all(todo, args.jobs, threads)
         print(f"{len(todo)} runs in {time.time() - t0:.0f} s ({args.jobs} at a time, {threads} thread(s) each)"
               + (f"; {len(failed)} failed: {', '.join(failed)}; the tables leave them out" if failed else ""), flush=True)
+        if todo:
+            print(throughput([run for _, run, _ in todo], time.time() - t0), flush=True)
     report(args.out, args.configs, args.kl_coef)
     return 1 if failed else 0
 
