@@ -8,11 +8,12 @@ the algorithm.
                          rng-rankN.pt per rank, policy_adapter/ (PEFT layout, usable on its own)
     OUT/adapter/, eval/  the final policy adapter; the evaluations' responses (AlpacaEval JSON)
     OUT/previous-N/      an earlier run's files, moved aside by a new run instead of overwritten
-    OUT/.lock            the PID of the run writing to OUT; a second run on the same OUT is refused
+    OUT/.lock            the PID of the run writing to OUT, while it runs; a second run on the same OUT is refused
 
 Ctrl-C (SIGINT) or SIGTERM stops a run with the last finished step saved as the checkpoint, and a worker
 whose torchrun launcher dies gets SIGTERM from the kernel, so it never keeps writing to OUT on its own.
 """
+import contextlib
 import copy
 import ctypes
 import datetime
@@ -45,29 +46,39 @@ def claim(out):
     release()
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a directory")
-    try:
-        os.makedirs(out, exist_ok=True)
-        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:  # a file in the way, a path under a file, no permission, a read-only disk
-        raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
-    holder = os.read(fd, 64).decode(errors="replace").strip()
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(f"--out {out} is in use by another run (PID {holder or '?'}, {out}/.lock); wait for it "
-                         f"to finish or choose another --out") from None
+    created, path = not os.path.exists(out), os.path.join(out, ".lock")
+    while True:
+        try:
+            os.makedirs(out, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a file in the way, a path under a file, no permission, a read-only disk
+            raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
+        holder = os.read(fd, 64).decode(errors="replace").strip()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"--out {out} is in use by another run (PID {holder or '?'}, {out}/.lock); wait for "
+                             f"it to finish or choose another --out") from None
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            break
+        os.close(fd)  # locked a .lock that the run before us removed as it ended: open the one at the path now
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _lock.append(fd)
+    _lock.append((fd, out, created))
     return f"took over {out}/.lock from PID {holder}, which is no longer running" if holder else None
 
 
 def release():
+    """The run ended (or failed): OUT/.lock is removed, and OUT too if this run created it and wrote nothing."""
     while _lock:
-        fd = _lock.pop()
-        os.ftruncate(fd, 0)  # an empty lock file: the run ended
+        fd, out, created = _lock.pop()
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(out, ".lock"))  # still locked: a run waiting on this file re-opens (claim)
         os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run's files stay
+                os.rmdir(out)
 
 
 class Interrupted(Exception):

@@ -187,6 +187,50 @@ def test_a_worker_stops_when_its_launcher_dies(setup, tmp_path):
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] >= 1  # and saved on the way out
 
 
+def test_a_failed_run_leaves_no_lock_and_no_directory_it_made(setup, tmp_path, capsys):
+    import train
+    """A run that fails after claiming OUT (here: a reward model that does not exist) removes OUT/.lock, and OUT
+    itself when it made it and wrote nothing; an OUT that held the user's files keeps them, without a .lock."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for out in (tmp_path / "new" / "o", kept):
+        code = train.cli(base_args(setup, out, "--reward", str(tmp_path / "missing")))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and str(tmp_path / "missing") in err[0], err
+    assert not (tmp_path / "new" / "o").exists() and (tmp_path / "new").is_dir()  # only what the run made
+    assert os.listdir(kept) == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("writer", ["json", "safetensors", "adapter"])
+def test_a_full_disk_names_the_file_and_leaves_no_part_of_it(tmp_path, writer):
+    """Every file the project writes goes through support/files.py: a write that fails for lack of room (here a
+    file-size limit, which fails the write as a full disk does) is one line naming the file; the earlier file is
+    unchanged and no temporary file is left beside it. Controls: the same writes succeed without the limit."""
+    path = tmp_path / ("adapter" if writer == "adapter" else "f")
+    write = {"json": f"files.write_json({str(path)!r}, list(range(2000)))",
+             "safetensors": f"files.save_safetensors({str(path)!r}, {{'w': torch.zeros(2000)}})",
+             "adapter": f"m = llama.Llama(llama.PRESETS['tiny']); lora.add_lora(m); "
+                        f"checkpoints.save_adapter(m, {str(path)!r})"}[writer]
+    code = ("import resource, signal, sys, torch; sys.path.insert(0, sys.argv[1])\n"
+            "import checkpoints, llama, lora\nfrom support import files\n"
+            "if sys.argv[2] == 'limit':\n"
+            "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))\n"
+            f"try:\n    {write}\nexcept OSError as e:\n    print(e)\n")
+    target = path / "adapter_model.safetensors" if writer == "adapter" else path
+    if writer == "adapter":
+        path.mkdir()
+    target.write_bytes(b"earlier")
+    r = subprocess.run([sys.executable, "-c", code, ROOT, "limit"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1, (r.stdout, r.stderr)
+    assert r.stdout.startswith(f"could not write {target} (") and r.stdout.strip().endswith(
+        f"any earlier {target.name} is unchanged"), r.stdout
+    assert target.read_bytes() == b"earlier" and os.listdir(target.parent) == [target.name]
+    r = subprocess.run([sys.executable, "-c", code, ROOT, "none"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "" and target.stat().st_size > 4000, (r.stdout, r.stderr)
+
+
 @pytest.mark.slow
 def test_a_full_disk_leaves_the_previous_checkpoint_whole(setup, tmp_path):
     out = tmp_path / "o"
@@ -244,8 +288,7 @@ def test_a_new_run_never_overwrites_an_earlier_one(setup, tmp_path):
         r = run(base_args(setup, out, "--steps", "1", "--seed", str(i)))
         assert r.returncode == 0, r.stderr
     run_files = ["adapter", "checkpoint", "metrics.jsonl"]
-    assert sorted(p.name for p in out.iterdir()) == [".lock"] + run_files + ["previous-1", "previous-2"]
-    assert (out / ".lock").read_text() == ""  # released: the last run ended
+    assert sorted(p.name for p in out.iterdir()) == run_files + ["previous-1", "previous-2"]  # no .lock: ended
     for prev, seed in ((out / "previous-1", 1), (out / "previous-2", 2), (out, 3)):  # each run's files, whole
         assert sorted(p.name for p in prev.iterdir() if "previous" not in p.name and p.name != ".lock") == run_files
         assert torch.load(prev / "checkpoint" / "state.pt", weights_only=True)["args"]["seed"] == seed
