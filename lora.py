@@ -106,8 +106,8 @@ def add_lora(model, rank=8, alpha=64, dropout=0.1, targets=("wq", "wk", "wv", "w
     """Replace `targets` in every layer by LoRALinear, freeze everything else; returns the trainable params.
     Works on a model built on the meta device (counting parameters without allocating them)."""
     bad = [t for t in targets if t not in TARGETS]
-    if bad or not targets:
-        raise ValueError(f"unknown LoRA targets {bad or list(targets)}; choose from {list(TARGETS)}")
+    if bad or not targets or len(set(targets)) < len(targets):
+        raise ValueError(f"LoRA targets {list(targets)}: each one of {', '.join(TARGETS)} at most once (or all)")
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; add_lora() once per model")
     model.requires_grad_(False)

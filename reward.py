@@ -45,10 +45,10 @@ class RewardModel(nn.Module):
 class ValueModel(nn.Module):
     """V(x, y_<t): backbone (from the reward model) + its own LoRA + a new fp32 scalar head."""
 
-    def __init__(self, backbone, rank=8, alpha=64, dropout=0.1, lora_dtype=None):
+    def __init__(self, backbone, rank=8, alpha=64, dropout=0.1, lora_dtype=None, targets=("wq", "wk", "wv", "wo")):
         super().__init__()
         self.backbone = backbone
-        lora.add_lora(self.backbone, rank=rank, alpha=alpha, dropout=dropout, lora_dtype=lora_dtype)  # freezes it
+        lora.add_lora(self.backbone, rank, alpha, dropout, targets, lora_dtype)  # freezes it
         # Zero weight and bias, as AlpacaFarm: V starts at 0 everywhere (no prior on the return), and the
         # first value gradients are hidden * (V - R), so the head learns from step one. The head is fp32 and
         # fully trained (dim + 1 parameters).

@@ -105,6 +105,8 @@ class Args:
     """alpha in Eq. 1 (the LoRA update is scaled by alpha / k)"""
     lora_dropout: float = 0.1
     """dropout on the LoRA path"""
+    lora_targets: str = "wq,wk,wv,wo"
+    """projections LoRA adapts in every layer (the paper's), or "all": also w1,w2,w3, as "LoRA Without Regret" """
     lr: float = 1e-5
     """AdamW learning rate (betas 0.9, 0.999, eps 1e-5, no weight decay)"""
     warmup_steps: int = 5
@@ -170,7 +172,8 @@ def load_models(args, devices, log):
     both); reference + reward model frozen on devices[-1]; bf16 on GPU. With one device the reference is None
     (the policy with its adapters off) and the reward model is the value model's backbone with its adapters off."""
     dev, dtype = devices[0], torch.bfloat16 if devices[0].type == "cuda" else torch.float32
-    lora_kw = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lora_dtype=torch.float32)
+    lora_kw = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lora_dtype=torch.float32,
+                   targets=config.parse_targets(args.lora_targets))
     frozen = lambda m: m.requires_grad_(False).eval()
     policy = checkpoints.load_llama(args.policy, dev, dtype)
     lora.add_lora(policy, **lora_kw)

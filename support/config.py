@@ -17,6 +17,7 @@ import typing
 import torch
 
 import divergences
+import lora
 
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
@@ -103,12 +104,22 @@ def check_args(args, small_world):
     if args.preset and not args.dry_run:
         raise ValueError("--preset only plans memory (--dry-run); training needs --policy/--reward/--prompts")
     divergences.get_estimator(args.estimator)  # unknown names: one line listing the valid ones
+    targets = parse_targets(args.lora_targets)
+    if not targets or len(set(targets)) < len(targets) or not set(targets) <= set(lora.TARGETS):
+        raise ValueError(f"--lora-targets must be some of {','.join(lora.TARGETS)} (each once, comma-separated) or "
+                         f"all, got {args.lora_targets}")
     for name, (test, what) in RANGES.items():
         if not test(getattr(args, name)):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
     if args.decay_steps is not None and args.decay_steps < args.steps:
         raise ValueError(f"--decay-steps must be at least --steps {args.steps} (the lr is 0 from --decay-steps on), "
                          f"got {args.decay_steps}")
+
+
+def parse_targets(spec):
+    """--lora-targets: "wk,wq" -> ("wq", "wk"), in lora.TARGETS' order (one set, one initialization); "all" -> all."""
+    order = lambda t: list(lora.TARGETS).index(t) if t in lora.TARGETS else len(lora.TARGETS)  # unknown: refused
+    return tuple(lora.TARGETS) if spec == "all" else tuple(sorted((t.strip() for t in spec.split(",")), key=order))
 
 
 def check_sample_args(args):

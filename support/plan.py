@@ -14,6 +14,7 @@ import checkpoints
 import llama
 import lora
 from reward import RewardModel, ValueModel
+from support import config
 
 
 # ----------------------------------------------------------------------------- placement
@@ -126,10 +127,11 @@ def build(args):
             pass
     with torch.device("meta"):  # build the real modules, allocate nothing
         policy = llama.Llama(pcfg)
-        lora.add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, lora_dtype=torch.float32)
+        targets = config.parse_targets(args.lora_targets)
+        lora.add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, lora_dtype=torch.float32)
         reward = RewardModel(rcfg)
         value = ValueModel(RewardModel(rcfg).backbone, args.lora_rank, args.lora_alpha, args.lora_dropout,
-                           lora_dtype=torch.float32)
+                           lora_dtype=torch.float32, targets=targets)
     frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
     n = dict(policy_lora=lora.count_parameters(policy)[0], value_lora=lora.count_parameters(value.backbone)[0],
              value_head=value.value_head.weight.numel() + value.value_head.bias.numel(), base=frozen(policy),

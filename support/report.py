@@ -57,9 +57,11 @@ def placement(devices, policy, params, log):
     if len(devices) == 1:
         log("         reference = policy, reward model = value backbone, both with adapters off")
     log("         activation checkpointing " + ("on" if policy.activation_checkpointing else "off"))
-    n_train, (n_policy, n_base) = sum(p.numel() for p in params), lora.count_parameters(policy)
-    log(f"trainable: {n_train:,} (policy LoRA {n_policy:,}, value LoRA + head {n_train - n_policy:,}) of {n_base:,} "
-        f"policy parameters")
+    n_train, (n_policy, n_all) = sum(p.numel() for p in params), lora.count_parameters(policy)
+    targets = sorted({t for _, t, _ in lora.lora_layers(policy)}, key=list(lora.TARGETS).index)
+    n_sft = n_all - n_policy  # the fraction of the model that trains: the paper's is 0.12% (rank 8 on LLaMA-7B)
+    log(f"trainable: {n_train:,} (policy LoRA on {','.join(targets)} {n_policy:,} = {100 * n_policy / n_sft:.2f}% of "
+        f"the SFT model's {n_sft:,}; value LoRA + head {n_train - n_policy:,})")
 
 
 def finish(args, rank, params, policy, log):

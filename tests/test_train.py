@@ -187,6 +187,33 @@ def test_a_worker_stops_when_its_launcher_dies(setup, tmp_path):
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] >= 1  # and saved on the way out
 
 
+def test_lora_targets_set_the_fraction_that_trains(setup, tmp_path, capsys):
+    """--lora-targets w2,wq,w1: LoRA on those projections of every layer, policy and value model; the count
+    printed equals rank x (in + out) summed over them (an independent count from the config), the adapter
+    lists their PEFT names and loads back into the SFT model with exactly those layers. The order given does
+    not matter: w1,wq,w2 is the same run, bit for bit."""
+    import train
+    cfg, r = CFG, 4
+    per_layer = r * ((cfg.dim + cfg.dim) + (cfg.dim + cfg.hidden_dim) + (cfg.hidden_dim + cfg.dim))  # wq, w1, w2
+    n_sft = sum(p.numel() for p in checkpoints.load_llama(str(setup / "policy")).parameters())
+    assert train.cli(base_args(setup, tmp_path / "o", "--steps", "1", "--lora-rank", str(r),
+                               "--lora-targets", "w2,wq,w1")) == 0
+    n = cfg.n_layers * per_layer
+    assert f"(policy LoRA on wq,w1,w2 {n:,} = {100 * n / n_sft:.2f}% of the SFT model's {n_sft:,}; value LoRA + " \
+           f"head {n + cfg.dim + 1:,})" in capsys.readouterr().out
+    adapter = str(tmp_path / "o" / "adapter")
+    assert json.load(open(os.path.join(adapter, "adapter_config.json")))["target_modules"] == \
+        ["down_proj", "gate_proj", "q_proj"]
+    model = checkpoints.load_llama(str(setup / "policy"))
+    checkpoints.load_adapter(model, adapter)
+    assert sorted((i, t) for i, t, _ in lora.lora_layers(model)) == sorted(
+        (i, t) for i in range(cfg.n_layers) for t in ("wq", "w1", "w2"))
+    assert train.cli(base_args(setup, tmp_path / "b", "--steps", "1", "--lora-rank", str(r),
+                               "--lora-targets", "w1,wq,w2")) == 0
+    read = lambda d: open(os.path.join(d, "adapter_model.safetensors"), "rb").read()
+    assert read(adapter) == read(tmp_path / "b" / "adapter")
+
+
 def test_a_failed_run_leaves_no_lock_and_no_directory_it_made(setup, tmp_path, capsys):
     import train
     """A run that fails after claiming OUT (here: a reward model that does not exist) removes OUT/.lock, and OUT
@@ -446,6 +473,7 @@ BAD = {
                                "checkpoint/state.pt is not a readable checkpoint file"),
     "resume_other_settings": (resume_with(None, None, "--lr", "2e-3"),
                               "checkpoint was written with other settings: --lr 0.001 -> 0.002"),
+    "lora_target_twice": (flag("--lora-targets", "wq,w1,wq"), "--lora-targets must be some of wq,wk,wv,wo,w1,w3,w2"),
     "seed_overflow": (flag("--seed", str(10 ** 20)), "--seed must be in [0, 2**63), got 100000000000000000000"),
     "no_room": (flag("--max-new-tokens", "100000"), "--max-prompt-tokens 192 + --max-new-tokens 100000 exceed the "
                                                     "policy's context of 256 tokens"),
