@@ -43,12 +43,16 @@ class RewardModel(nn.Module):
 
 
 class ValueModel(nn.Module):
-    """V(x, y_<t): backbone (from the reward model) + its own LoRA + a new fp32 scalar head."""
+    """V(x, y_<t): backbone (from the reward model) + its own LoRA (or, full=True, every weight trains) + a new fp32
+    scalar head."""
 
-    def __init__(self, backbone, rank=8, alpha=64, dropout=0.1, lora_dtype=None, targets=("wq", "wk", "wv", "wo")):
+    def __init__(self, backbone, rank=8, alpha=64, dropout=0.1, lora_dtype=None, targets=("wq", "wk", "wv", "wo"),
+                 full=False):
         super().__init__()
         self.backbone = backbone
-        lora.add_lora(self.backbone, rank, alpha, dropout, targets, lora_dtype)  # freezes it
+        if not full:
+            lora.add_lora(self.backbone, rank, alpha, dropout, targets, lora_dtype)  # freezes it
+        self.backbone.output.requires_grad_(False)  # values are read from hidden states: the LM head is unused
         # Zero weight and bias, as AlpacaFarm: V starts at 0 everywhere (no prior on the return), and the
         # first value gradients are hidden * (V - R), so the head learns from step one. The head is fp32 and
         # fully trained (dim + 1 parameters).

@@ -99,6 +99,8 @@ class Args:
     max_prompt_tokens: int = 192
     """longer prompts are dropped, as in AlpacaFarm"""
     # LoRA (Eq. 1) and the optimizer
+    finetune: str = "lora"
+    """what PPO trains: lora (adapters on the SFT and reward models, Eq. 1) or full (every weight, in fp32)"""
     lora_rank: int = 8
     """k in Eq. 1, for the policy and the value model"""
     lora_alpha: float = 64.0
@@ -170,23 +172,27 @@ def lr_schedule(args):
 def load_models(args, devices, log):
     """(policy, value, reference, reward model, trainable parameters): policy + value train on devices[0] (LoRA on
     both); reference + reward model frozen on devices[-1]; bf16 on GPU. With one device the reference is None
-    (the policy with its adapters off) and the reward model is the value model's backbone with its adapters off."""
+    (the policy with its adapters off) and the reward model is the value model's backbone with its adapters off.
+    --finetune full: policy and value train every weight (fp32), and the reference and reward model are copies."""
     dev, dtype = devices[0], torch.bfloat16 if devices[0].type == "cuda" else torch.float32
+    full = args.finetune == "full"
     lora_kw = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lora_dtype=torch.float32,
-                   targets=config.parse_targets(args.lora_targets))
+                   targets=config.parse_targets(args.lora_targets), full=full)
     frozen = lambda m: m.requires_grad_(False).eval()
-    policy = checkpoints.load_llama(args.policy, dev, dtype)
-    lora.add_lora(policy, **lora_kw)
-    if len(devices) == 2:
-        ref = frozen(checkpoints.load_llama(args.policy, devices[1], dtype))
-        reward_model = frozen(checkpoints.load_reward_model(args.reward, devices[1], dtype))
-        value = ValueModel(checkpoints.load_reward_model(args.reward, dev, dtype).backbone, **lora_kw)
+    policy = checkpoints.load_llama(args.policy, dev, torch.float32 if full else dtype)
+    if not full:
+        lora.add_lora(policy, **{k: v for k, v in lora_kw.items() if k != "full"})
+    if len(devices) == 2 or full:  # a fully fine-tuned policy keeps no copy of the SFT weights: the reference is one
+        ref = frozen(checkpoints.load_llama(args.policy, devices[-1], dtype))
+        reward_model = frozen(checkpoints.load_reward_model(args.reward, devices[-1], dtype))
+        value = ValueModel(checkpoints.load_reward_model(args.reward, dev, policy.output.weight.dtype).backbone,
+                           **lora_kw)
     else:
         ref, reward_model = None, frozen(checkpoints.load_reward_model(args.reward, dev, dtype))
         value = ValueModel(reward_model.backbone, **lora_kw)
     policy.activation_checkpointing = value.backbone.activation_checkpointing = plan.use_checkpointing(args, dev)
     params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
-    report.placement(devices, policy, params, log)  # devices, dtype, ranks, checkpointing, trainable counts
+    report.placement(devices, policy, ref, params, log)  # devices, dtype, ranks, checkpointing, trainable counts
     for p in params if dist.is_initialized() else ():  # every rank starts from identical trainable weights
         dist.broadcast(p.data, 0)
     return policy, value, ref, reward_model, params

@@ -194,6 +194,6 @@ def print_plan(args, devices):
 def use_checkpointing(args, device):
     """--activation-checkpointing if given; otherwise on where the plan says that without it the update would
     not fit the CUDA device's memory."""
-    if args.activation_checkpointing is not None or device.type != "cuda":
+    if args.activation_checkpointing is not None or device.type != "cuda" or args.finetune == "full":  # (no plan)
         return bool(args.activation_checkpointing)
     return training_device_peak(args, False) > torch.cuda.get_device_properties(device).total_memory

@@ -4,6 +4,7 @@ OUT/metrics.jsonl and the console lines a reader sanity-checks; at the end the t
 the final adapter. train.py calls `placement` once its models are loaded, `record` once per step and `finish` once.
 """
 import os
+import shutil
 import time
 
 import torch.distributed as dist
@@ -50,24 +51,32 @@ def console_lines(step, steps, s):
     return "\n".join(lines)
 
 
-def placement(devices, policy, params, log):
+def placement(devices, policy, ref, params, log):
     """Where train.load_models put the models, in which dtype, on how many ranks, and how many parameters train."""
     log(f"devices: policy + value on {devices[0]}, reference + reward model on {devices[-1]}; "
         f"{policy.output.weight.dtype}, {dist.get_world_size() if dist.is_initialized() else 1} rank(s)")
-    if len(devices) == 1:
+    if ref is None:
         log("         reference = policy, reward model = value backbone, both with adapters off")
     log("         activation checkpointing " + ("on" if policy.activation_checkpointing else "off"))
     n_train, (n_policy, n_all) = sum(p.numel() for p in params), lora.count_parameters(policy)
     targets = sorted({t for _, t, _ in lora.lora_layers(policy)}, key=list(lora.TARGETS).index)
+    if not targets:  # --finetune full
+        return log(f"trainable: {n_train:,} (every weight: policy {n_policy:,}, value model + head "
+                   f"{n_train - n_policy:,})")
     n_sft = n_all - n_policy  # the fraction of the model that trains: the paper's is 0.12% (rank 8 on LLaMA-7B)
     log(f"trainable: {n_train:,} (policy LoRA on {','.join(targets)} {n_policy:,} = {100 * n_policy / n_sft:.2f}% of "
         f"the SFT model's {n_sft:,}; value LoRA + head {n_train - n_policy:,})")
 
 
 def finish(args, rank, params, policy, log):
-    """The trainable weights' checksum (runs that agree print the same), the final adapter, and the ranks parted."""
+    """The trainable weights' checksum (runs that agree print the same), the final adapter (or, --finetune full, the
+    policy as a Hugging Face checkpoint with the SFT model's tokenizer), and the ranks parted."""
     print(f"trainable checksum {sum(p.double().sum().item() for p in params):.12e} (rank {rank})", flush=True)
-    if rank == 0:
+    if rank == 0 and args.finetune == "full":
+        checkpoints.save_llama(policy, os.path.join(args.out, "policy"))
+        shutil.copy(args.tokenizer or os.path.join(args.policy, "tokenizer.model"), os.path.join(args.out, "policy"))
+        log(f"done: policy in {args.out}/policy, metrics in {os.path.join(args.out, 'metrics.jsonl')}")
+    elif rank == 0:
         checkpoints.save_adapter(policy, os.path.join(args.out, "adapter"), base_model_name_or_path=args.policy)
         log(f"done: adapter in {args.out}/adapter, metrics in {os.path.join(args.out, 'metrics.jsonl')}")
     rundir.release()

@@ -29,9 +29,10 @@ import torch
 import torch.distributed as dist
 
 import checkpoints
+import lora
 from support import files
 
-RUN_FILES = ("metrics.jsonl", "checkpoint", "checkpoint.old", "adapter", "eval")
+RUN_FILES = ("metrics.jsonl", "checkpoint", "checkpoint.old", "adapter", "policy", "eval")
 
 
 # ----------------------------------------------------------------------------- before any work
@@ -236,7 +237,8 @@ def save_checkpoint(state, args, out, rank, policy):
         if rank == 0:
             torch.save({**{k: v for k, v in state.items() if k not in rng}, "args": args},
                        os.path.join(tmp, "state.pt"))
-            checkpoints.save_adapter(policy, os.path.join(tmp, "policy_adapter"))
+            if lora.lora_layers(policy):  # (a fully fine-tuned policy is in state.pt only)
+                checkpoints.save_adapter(policy, os.path.join(tmp, "policy_adapter"))
     except Exception as e:  # OSError, or the error type of torch's or safetensors' writer
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
@@ -278,8 +280,8 @@ def resume(out, rank, args, may_change, policy, value, optimizer, scheduler, gen
     """The run in OUT/checkpoint restored, unless it was written with other settings than `args` (a dict; the
     names in may_change may differ), and OUT/metrics.jsonl cut back to its step. Returns its state."""
     state = load_checkpoint(out, rank)
-    changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {v}" for k, v in args.items()
-               if k not in may_change and state["args"].get(k) != v]
+    changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {v}" for k, v in args.items()  # a flag newer
+               if k not in may_change and k in state["args"] and state["args"][k] != v]  # than it: restore checks
     if changed:
         raise ValueError(f"--resume: {out}/checkpoint was written with other settings: {'; '.join(changed)}")
     if args["decay_steps"] is None and args["steps"] != state["args"]["steps"]:  # the lr schedule ends at --steps

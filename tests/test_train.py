@@ -214,6 +214,39 @@ def test_lora_targets_set_the_fraction_that_trains(setup, tmp_path, capsys):
     assert read(adapter) == read(tmp_path / "b" / "adapter")
 
 
+def test_full_fine_tuning(setup, tmp_path, capsys):
+    """--finetune full: at lr 1e-30 (0 is refused) the policy written to OUT/policy is the SFT model bit for bit; one step at lr 1e-3
+    moves every weight tensor of the policy and of the value model (whose backbone starts as the reward model's);
+    a run stopped after step 1 and resumed ends as the uninterrupted 2-step run, metrics and weights equal; and
+    OUT/policy is a checkpoint sample.py reads."""
+    import sample
+    import train
+    sft = checkpoints.load_llama(str(setup / "policy")).state_dict()
+    weights = lambda out: checkpoints.load_llama(str(out / "policy")).state_dict()
+    assert train.cli(base_args(setup, tmp_path / "lr0", "--finetune", "full", "--lr", "1e-30", "--steps", "1")) == 0
+    assert "trainable: " in capsys.readouterr().out
+    assert all(torch.equal(v, sft[k]) for k, v in weights(tmp_path / "lr0").items())
+    assert train.cli(base_args(setup, tmp_path / "a", "--finetune", "full", "--steps", "2")) == 0
+    assert train.cli(base_args(setup, tmp_path / "b", "--finetune", "full", "--steps", "1")) == 0
+    one = torch.load(tmp_path / "b" / "checkpoint" / "state.pt", weights_only=True)["trainable"]
+    rm = checkpoints.load_reward_model(str(setup / "reward")).backbone.state_dict()
+    rm.pop("output.weight")  # the value model reads hidden states: its LM head does not train
+    assert set(one) == {f"policy.{k}" for k in sft} | {f"value.backbone.{k}" for k in rm} | {
+        "value.value_head.weight", "value.value_head.bias"}
+    moved = [k for k in sft if not torch.equal(one[f"policy.{k}"], sft[k])] + [
+        k for k in rm if not torch.equal(one[f"value.backbone.{k}"], rm[k])]
+    assert len(moved) == len(sft) + len(rm), set(sft) - set(moved)
+    assert train.cli(base_args(setup, tmp_path / "b", "--finetune", "full", "--steps", "2", "--resume")) == 0
+    assert [{k: m[k] for k in DETERMINISTIC} for m in metrics(tmp_path / "a")] == \
+        [{k: m[k] for k in DETERMINISTIC} for m in metrics(tmp_path / "b")]
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert sample.cli(["--checkpoint", str(tmp_path / "a" / "policy"), "--prompt", "Sort the words: cat dog",
+                       "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert "### Sort the words: cat dog" in capsys.readouterr().out
+
+
 def test_a_failed_run_leaves_no_lock_and_no_directory_it_made(setup, tmp_path, capsys):
     import train
     """A run that fails after claiming OUT (here: a reward model that does not exist) removes OUT/.lock, and OUT
@@ -474,6 +507,7 @@ BAD = {
     "resume_other_settings": (resume_with(None, None, "--lr", "2e-3"),
                               "checkpoint was written with other settings: --lr 0.001 -> 0.002"),
     "lora_target_twice": (flag("--lora-targets", "wq,w1,wq"), "--lora-targets must be some of wq,wk,wv,wo,w1,w3,w2"),
+    "finetune_unknown": (flag("--finetune", "qlora"), "--finetune must be lora or full, got qlora"),
     "seed_overflow": (flag("--seed", str(10 ** 20)), "--seed must be in [0, 2**63), got 100000000000000000000"),
     "no_room": (flag("--max-new-tokens", "100000"), "--max-prompt-tokens 192 + --max-new-tokens 100000 exceed the "
                                                     "policy's context of 256 tokens"),
