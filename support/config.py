@@ -106,8 +106,6 @@ def check_args(args, small_world):
     divergences.get_estimator(args.estimator)  # unknown names: one line listing the valid ones
     if args.finetune not in ("lora", "full"):
         raise ValueError(f"--finetune must be lora or full, got {args.finetune}")
-    if args.finetune == "full" and args.dry_run:
-        raise ValueError("--dry-run plans --finetune lora only, for now (a full fine-tune's plan is not written yet)")
     targets = parse_targets(args.lora_targets)
     if not targets or len(set(targets)) < len(targets) or not set(targets) <= set(lora.TARGETS):
         raise ValueError(f"--lora-targets must be some of {','.join(lora.TARGETS)} (each once, comma-separated) or "

@@ -81,16 +81,21 @@ def pick_devices(spec, local_rank, local_world):
 
 # ----------------------------------------------------------------------------- memory
 
-def saved_bytes_per_token_layer(cfg, w, checkpointing=False):
-    """What autograd keeps per token and layer when training LoRA on wq, wk, wv, wo (frozen projections keep
-    no input), w = weight bytes: both RMSNorms' fp32 inputs (8 dim), LoRA dropout's output and 1-byte mask on the
-    4 projections (4 (w + 1) dim), SDPA's q, k, v and output (4 w dim; grouped-query k, v are repeated first)
-    and SwiGLU's gate, up and silu outputs (3 w hidden_dim). Small terms (rank-8 intermediates, SDPA's
-    log-sum-exp) are left out. With activation checkpointing a block keeps only its input (w dim); backward
-    recomputes the rest of one block at a time."""
+def saved_bytes_per_token_layer(cfg, w, checkpointing=False, targets=("wq", "wk", "wv", "wo"), full=False):
+    """What autograd keeps per token and layer, w = weight bytes. Training LoRA on `targets` (frozen projections keep
+    no input): both RMSNorms' fp32 inputs (8 dim), LoRA dropout's output and 1-byte mask on each target's input
+    ((w + 1) dim, or hidden_dim for w2), SDPA's q, k, v and output (4 w dim; grouped-query k, v are repeated
+    first) and SwiGLU's gate, up and silu outputs (3 w hidden_dim). full (every weight trains): both RMSNorms'
+    fp32 input, normalized input and output (2 (4 + 2 w) dim: the norm's gain trains), SDPA's four (4 w dim) and
+    SwiGLU's gate, silu, up and their product, w2's input (4 w hidden_dim). Small terms (rank-k intermediates, SDPA's
+    log-sum-exp and float mask) are left out. With activation checkpointing a block keeps only its input (w dim);
+    backward recomputes the rest of one block at a time."""
     if checkpointing:
         return w * cfg.dim
-    return 8 * cfg.dim + 4 * (w + 1) * cfg.dim + 4 * w * cfg.dim + 3 * w * cfg.hidden_dim
+    if full:
+        return 2 * (4 + 2 * w) * cfg.dim + 4 * w * cfg.dim + 4 * w * cfg.hidden_dim
+    lora_inputs = sum(cfg.hidden_dim if t == "w2" else cfg.dim for t in targets)
+    return 8 * cfg.dim + (w + 1) * lora_inputs + 4 * w * cfg.dim + 3 * w * cfg.hidden_dim
 
 
 def phase_bytes(cfg, args, w, micro_batch, checkpointing):
@@ -106,8 +111,10 @@ def phase_bytes(cfg, args, w, micro_batch, checkpointing):
     score = 5 * b * N * V * 4 + head + block(b * T)
     # update: what autograd keeps in both models (policy, value), one block recomputed when checkpointing,
     # the policy's fp32 logits, their gradient and the log-softmax's
-    update = (2 * cfg.n_layers * b * T * saved_bytes_per_token_layer(cfg, w, checkpointing)
-              + checkpointing * b * T * saved_bytes_per_token_layer(cfg, w) + 3 * b * N * V * 4 + head)
+    kept = lambda ckpt: saved_bytes_per_token_layer(cfg, w, ckpt, config.parse_targets(args.lora_targets),
+                                                    args.finetune == "full")
+    update = (2 * cfg.n_layers * b * T * kept(checkpointing) + checkpointing * b * T * kept(False)
+              + 3 * b * N * V * 4 + head)
     return generate, score, update
 
 
@@ -125,24 +132,30 @@ def build(args):
             rcfg = checkpoints.read_config(args.reward)
         except ValueError:
             pass
+    full, targets = args.finetune == "full", config.parse_targets(args.lora_targets)
     with torch.device("meta"):  # build the real modules, allocate nothing
         policy = llama.Llama(pcfg)
-        targets = config.parse_targets(args.lora_targets)
-        lora.add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, lora_dtype=torch.float32)
+        if not full:
+            lora.add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, lora_dtype=torch.float32)
         reward = RewardModel(rcfg)
         value = ValueModel(RewardModel(rcfg).backbone, args.lora_rank, args.lora_alpha, args.lora_dropout,
-                           lora_dtype=torch.float32, targets=targets)
+                           lora_dtype=torch.float32, targets=targets, full=full)
     frozen = lambda m: sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    # policy_lora, value_lora: what trains of each (with --finetune full: every weight but the value's unused head)
     n = dict(policy_lora=lora.count_parameters(policy)[0], value_lora=lora.count_parameters(value.backbone)[0],
              value_head=value.value_head.weight.numel() + value.value_head.bias.numel(), base=frozen(policy),
-             value_frozen=frozen(value), reward=sum(p.numel() for p in reward.parameters()))
+             value_frozen=frozen(value), reward=sum(p.numel() for p in reward.parameters()),
+             sft=frozen(policy) + full * lora.count_parameters(policy)[0])  # the SFT model's (= the reference's)
     n["trainable"] = n["policy_lora"] + n["value_lora"] + n["value_head"]
     return pcfg, rcfg, n
 
 
-def training_weights(n, rcfg, w):
-    """Bytes on the training device before any activation: the frozen policy and value (w bytes a weight), the
-    reward head, and the trainable parameters in fp32 with their gradients and Adam's two moments (16 bytes)."""
+def training_weights(n, rcfg, w, full=False):
+    """Bytes on the one device before any activation: the frozen policy and value (w bytes a weight), the reward
+    head, and the trainable parameters in fp32 with their gradients and Adam's two moments (16 bytes). full: the
+    value model's unused LM head (fp32), the reference and reward model (w), and every trainable weight (16)."""
+    if full:
+        return n["value_frozen"] * 4 + (n["sft"] + n["reward"]) * w + n["trainable"] * 16
     return (n["base"] + n["value_frozen"] + rcfg.dim + 1) * w + n["trainable"] * 16
 
 
@@ -158,37 +171,48 @@ def print_plan(args, devices):
     pcfg, rcfg, n = build(args)
     gpu = devices[0].type == "cuda" or args.preset is not None  # a preset plans for GPUs
     wbytes = 2 if gpu else 4  # frozen weights: bf16 on GPU, fp32 on CPU
-    trainable, base = n["trainable"], n["base"]
-    print(f"trainable: policy LoRA {n['policy_lora']:,} + value LoRA {n['value_lora']:,} + value head "
-          f"{n['value_head']:,} = {trainable:,}\n"
-          f"           {100 * trainable / base:.3f}% of the {base:,} parameters of the base model")
+    full, trainable, base = args.finetune == "full", n["trainable"], n["base"]
     train_b = trainable * (4 + 4 + 8)  # fp32 weights, fp32 grads, Adam's two fp32 moments
-    base_b = (base + n["value_frozen"]) * wbytes
-    frozen_b = (base + n["reward"]) * wbytes
+    if full:  # the trainable models in fp32; the reference a frozen copy of the SFT model, beside the reward model
+        print(f"trainable: policy {n['policy_lora']:,} + value model {n['value_lora']:,} + value head "
+              f"{n['value_head']:,} = {trainable:,}\n           every weight, in fp32 (--finetune full)")
+        base_b, frozen_b = n["value_frozen"] * 4, (n["sft"] + n["reward"]) * wbytes
+        holds, one_holds = "policy, value + head (all train)", "policy, value, reference, reward"
+    else:
+        print(f"trainable: policy LoRA {n['policy_lora']:,} + value LoRA {n['value_lora']:,} + value head "
+              f"{n['value_head']:,} = {trainable:,}\n"
+              f"           {100 * trainable / base:.3f}% of the {base:,} parameters of the base model")
+        base_b, frozen_b = (base + n["value_frozen"]) * wbytes, (base + n["reward"]) * wbytes
+        holds, one_holds = "policy + LoRA, value + LoRA + head", "policy = reference, value = reward, heads"
+    one_b = training_weights(n, rcfg, wbytes, full) - train_b
     names = [str(d) for d in devices] if len(devices) == 2 else (["cuda:0", "cuda:1"] if gpu else ["cpu", "cpu"])
     print(f"{'placement':12s} {'device':8s} {'holds':42s} {'weights':>8s} {'trainable+grads+Adam':>21s}  GiB")
-    print(f"{'two-device':12s} {names[0]:8s} {'policy + LoRA, value + LoRA + head':42s} {gib(base_b)} {gib(train_b):>21s}")
+    print(f"{'two-device':12s} {names[0]:8s} {holds:42s} {gib(base_b)} {gib(train_b):>21s}")
     print(f"{'':12s} {names[1]:8s} {'reference, reward model':42s} {gib(frozen_b)}")
-    print(f"{'one-device':12s} {names[0]:8s} {'policy = reference, value = reward, heads':42s} "
-          f"{gib(base_b + (rcfg.dim + 1) * wbytes)} {gib(train_b):>21s}")
+    print(f"{'one-device':12s} {names[0]:8s} {one_holds:42s} {gib(one_b)} {gib(train_b):>21s}")
     T = args.max_prompt_tokens + args.max_new_tokens
     print(f"\npeak per device (GiB, estimate) = weights + trainable state + the largest phase of three:\n"
           f"generate (KV cache of {args.generate_batch_size} x {T} tokens), score, update (micro-batch x {T} tokens, "
           f"policy + value)")
     print(f"{'placement':12s} {'device':8s} {'micro-batch':>11s} {'checkpointing':>13s} {'generate':>8s} "
           f"{'score':>8s} {'update':>8s} {'peak':>8s}")
-    weights = training_weights(n, rcfg, wbytes)
+    weights = training_weights(n, rcfg, wbytes, full)
     for mb in micro_batches(args):
         for ckpt in (False, True):
-            phases = phase_bytes(pcfg, args, wbytes, mb, ckpt)
+            phases = phase_bytes(pcfg, args, 4 if full else wbytes, mb, ckpt)  # (fully trained models are fp32)
             print(f"{'one-device':12s} {names[0]:8s} {mb:11d} {'on' if ckpt else 'off':>13s} "
                   + " ".join(gib(p) for p in phases) + f" {gib(weights + max(phases))}")
     # the second device runs the reference's and the reward model's forwards: logits (b, N, V) and one block
     mb = max(micro_batches(args))
     fwd = (mb * args.max_new_tokens * pcfg.vocab_size * 4 + mb * T * (2 * pcfg.dim + 3 * pcfg.hidden_dim) * wbytes
            + pcfg.vocab_size * pcfg.dim * 4 * (wbytes != 4))
-    print(f"{'two-device':12s} {names[0]:8s} {'as one-device, less the reward head':>49s}")
+    less = "the reference and reward model" if full else "the reward head"
+    print(f"{'two-device':12s} {names[0]:8s} {'as one-device, less ' + less:>49s}")
     print(f"{'':12s} {names[1]:8s} {mb:11d} {'-':>13s} {'-':>8s} {gib(fwd)} {'-':>8s} {gib(frozen_b + fwd)}")
+    if full and gpu:  # the paper's point: this is why full fine-tuning took eight A100 80GB, LoRA two
+        print(f"\nthe trainable state alone ({gib(train_b).strip()} GiB: fp32 weights, gradients and Adam's moments) "
+              f"needs {-(-train_b // 80e9):.0f} GPUs of 80 GB, sharded (the paper: eight A100 80GB with AlpacaFarm; "
+              f"with LoRA, two); this plan and train.py do not shard it")
 
 
 def use_checkpointing(args, device):

@@ -58,7 +58,8 @@ def test_ppo_bench_counts_what_each_phase_did():
     policy, value, reward_model = bench.ppo_models(cfg, torch.device("cpu"), torch.float32)
     frozen = sum(p.numel() for m in (policy, reward_model) for p in m.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for m in (policy, value) for p in m.parameters() if p.requires_grad)
-    args = SimpleNamespace(max_prompt_tokens=P, max_new_tokens=N, generate_batch_size=G)
+    args = SimpleNamespace(max_prompt_tokens=P, max_new_tokens=N, generate_batch_size=G, finetune="lora",
+                           lora_targets="wq,wk,wv,wo")
     planned = lambda mb, ckpt, i: (4 * frozen + 16 * trainable + plan.phase_bytes(cfg, args, 4, mb, ckpt)[i]) / 2**30
     close = lambda got, want: abs(got / want - 1) < 0.01
     times = {}

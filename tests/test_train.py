@@ -401,6 +401,25 @@ def test_dry_run_7b(capsys):
     assert table[16, "off"][2] > 10 * update and table[16, "off"][3] > 80
 
 
+def test_dry_run_7b_full_fine_tuning(capsys):
+    """--finetune full at 7B: every weight of policy and value model trains in fp32 (16 bytes each with gradient
+    and Adam's moments; the value model's LM head is frozen), the reference is a bf16 copy beside the reward model,
+    and the plan says that state alone needs three 80 GB GPUs: why the paper's full fine-tuning took eight."""
+    import train
+    assert train.cli(["--preset", "llama-7b", "--dry-run", "--finetune", "full"]) == 0
+    out = capsys.readouterr().out
+    sft, head = 6_738_415_616, 32000 * 4096
+    trainable = sft + (sft - head) + 4097
+    assert (f"trainable: policy {sft:,} + value model {sft - head:,} + value head 4,097 = {trainable:,}\n"
+            "           every weight, in fp32") in out
+    row = lambda prefix: next(l for l in out.splitlines() if l.startswith(prefix)).split()
+    assert row("two-device")[-2:] == [f"{head * 4 / 2**30:.2f}", f"{trainable * 16 / 2**30:.2f}"]
+    assert row("             cuda:1")[-1] == f"{(2 * sft + 4097) * 2 / 2**30:.2f}"
+    assert row("one-device")[-2:] == [f"{(head * 4 + (2 * sft + 4097) * 2) / 2**30:.2f}",
+                                      f"{trainable * 16 / 2**30:.2f}"]
+    assert f"({trainable * 16 / 2**30:.2f} GiB: fp32 weights, gradients and Adam's moments) needs 3 GPUs of 80 GB" in out
+
+
 def test_dry_run_activation_estimate_against_autograd():
     """plan.saved_bytes_per_token_layer against the bytes autograd really keeps (saved_tensors_hooks, storages
     counted once, parameters excluded), per layer: the difference between a 2- and a 1-layer LoRA model. On the
@@ -411,12 +430,13 @@ def test_dry_run_activation_estimate_against_autograd():
     import lora
     from support import plan
 
-    def saved(n_layers, dtype, kv, checkpointing):
+    def saved(n_layers, dtype, kv, checkpointing, targets=("wq", "wk", "wv", "wo")):
         cfg = llama.LlamaConfig(dim=256, n_layers=n_layers, n_heads=8, n_kv_heads=kv, vocab_size=256,
                                 hidden_dim=688, max_seq_len=128)
         torch.manual_seed(0)
         model = llama.Llama(cfg).to(dtype)
-        lora.add_lora(model, rank=8, alpha=64, dropout=0.1, lora_dtype=torch.float32)
+        if targets:  # () = full fine-tuning: every weight trains
+            lora.add_lora(model, rank=8, alpha=64, dropout=0.1, targets=targets, lora_dtype=torch.float32)
         model.train()
         model.activation_checkpointing = checkpointing
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -440,6 +460,15 @@ def test_dry_run_activation_estimate_against_autograd():
             assert estimate <= per_token_layer <= 1.2 * estimate, (dtype, kv, per_token_layer, estimate)
             (two, _), (one, _) = saved(2, dtype, kv, True), saved(1, dtype, kv, True)
             assert (two - one) / 96 == plan.saved_bytes_per_token_layer(cfg, w, checkpointing=True) == w * cfg.dim
+            # LoRA on all seven projections, and full fine-tuning (every input of a trained weight is kept)
+            for targets, full in ((tuple(lora.TARGETS), False), ((), True)):
+                (two, _), (one, _) = saved(2, dtype, kv, False, targets), saved(1, dtype, kv, False, targets)
+                estimate = plan.saved_bytes_per_token_layer(cfg, w, False, targets, full)
+                cpu_masks = 0 if full else (w - 1) * (6 * cfg.dim + cfg.hidden_dim)  # the masks in w bytes, not 1
+                # and in bf16 each layer's A and B cast from fp32 (lora_A.to(x.dtype)), kept: 96 tokens share them
+                casts = 0 if full or w == 4 else 2 * 8 * (8 * cfg.dim + 3 * (cfg.dim + cfg.hidden_dim)) / 96
+                assert estimate <= (two - one) / 96 <= 1.05 * (estimate + cpu_masks + casts), (
+                    dtype, kv, full, (two - one) / 96, estimate)
 
 
 def flag(name, value):

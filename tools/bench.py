@@ -196,7 +196,8 @@ def bench_ppo(args, device, dtype):
     scheduler, w = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), torch.finfo(dtype).bits // 8
     # the plan of the same run: weights + trainable state + phase (plan.phase_bytes)
     frozen = sum(p.numel() for m in (policy, reward_model) for p in m.parameters() if not p.requires_grad)
-    plan_args = SimpleNamespace(max_prompt_tokens=P, max_new_tokens=N, generate_batch_size=G)
+    plan_args = SimpleNamespace(max_prompt_tokens=P, max_new_tokens=N, generate_batch_size=G, finetune="lora",
+                                lora_targets="wq,wk,wv,wo")
     plan_gib = lambda mb, ckpt, i: (frozen * w + sum(p.numel() for p in params) * 16
                                     + plan.phase_bytes(cfg, plan_args, w, mb, ckpt)[i]) / 2**30
     limits = device_limits(device)
