@@ -107,7 +107,7 @@ def meta_llama_config(c, file, path):
 
 def read_config(path, types=formats.HF_TYPES, classes=formats.HF_CLASSES):
     file = formats.config_file(path)  # config.json (Hugging Face) or else params.json (Meta)
-    c = files.read_json(file)
+    c = files.read_json(file, dict)
     try:
         cfg = hf_llama_config(c, file, types, classes) if file.endswith("config.json") else \
             meta_llama_config(c, file, path)
@@ -184,7 +184,7 @@ def load_weights(model, path, prefix="", extra=None):
             params[name].copy_(tensor)
         filled.add(name)
     if "output.weight" not in filled and "tok_embeddings.weight" in filled and not meta_layout \
-            and files.read_json(os.path.join(path, "config.json")).get("tie_word_embeddings", False):
+            and files.read_json(os.path.join(path, "config.json"), dict).get("tie_word_embeddings", False):
         with torch.no_grad():
             params["output.weight"].copy_(params["tok_embeddings.weight"])
         filled.add("output.weight")
@@ -264,7 +264,7 @@ def load_adapter(model, dir, lora_dtype=None):
     """Load a PEFT LoRA adapter into a Llama, injecting LoRA layers first if it has none. Every key, shape
     and field is checked before the model is touched."""
     cfg_path = os.path.join(dir, "adapter_config.json")
-    c = formats.check_adapter_config(files.read_json(cfg_path), cfg_path, HF_TO_META)
+    c = formats.check_adapter_config(files.read_json(cfg_path, dict), cfg_path, HF_TO_META)
     path, sd = read_adapter_weights(dir)
     rank, alpha, targets = c["r"], c["lora_alpha"], sorted(HF_TO_META[n] for n in c["target_modules"])
     existing = lora.lora_layers(model)
@@ -298,7 +298,7 @@ def load_reward_model(path, device="cpu", dtype=torch.float32, backbone_path=Non
     sequences ending in EOS; AlpacaFarm's files lack it and were not (its rollout scores the response text
     re-tokenized without special tokens), so it defaults to false."""
     file = os.path.join(path, "config.json")
-    c = files.read_json(file)
+    c = files.read_json(file, dict)
     formats.check_reward_config(c, file)
     if "hidden_size" in c and backbone_path is None:
         cfg = read_config(path, ("reward_model",), ("RewardModel",))

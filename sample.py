@@ -33,7 +33,7 @@ from support import config
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = config.Parser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="directory with config.json or params.json and weights")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one instruction")

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import textwrap
 import typing
 
@@ -40,7 +41,7 @@ RANGES = {
     "micro_batch_size": AT_LEAST_1,
     "max_grad_norm": POSITIVE,
     "max_new_tokens": AT_LEAST_1,
-    "temperature": (NON_NEGATIVE[0], "a finite number >= 0 (0 = greedy)"),
+    "temperature": (lambda v: v == 0 or 1e-3 <= v < math.inf, "0 (greedy) or a finite number >= 0.001"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "generate_batch_size": AT_LEAST_1,
     "max_prompt_tokens": AT_LEAST_1,
@@ -58,6 +59,14 @@ RANGES = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse for every entry point, with a bad flag as one line (`prog: error: ...`, exit status 2) instead of
+    the whole usage block; --help prints that."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def field_docs(cls):
     """{field name: the string literal under it} from the dataclass's source, whitespace collapsed."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
@@ -67,7 +76,7 @@ def field_docs(cls):
 
 def parser(cls, description):
     """An argparse parser with a flag per field of cls; flags not given are left out of the parsed namespace."""
-    p = argparse.ArgumentParser(description=description)
+    p = Parser(description=description)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         kind = next(t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None))
@@ -101,6 +110,9 @@ def check_args(args, small_world):
     if small_world and (given := [f for f in ("eval_prompts", "tokenizer") if getattr(args, f)]):
         raise ValueError(f"--{given[0].replace('_', '-')} applies to real checkpoints: the small world has its own "
                          f"(give --policy, --reward and --prompts with it)")
+    for flag in ("policy", "reward") if not small_world and not args.preset else ():
+        if not os.path.isdir(getattr(args, flag)):
+            raise ValueError(f"--{flag} must be a checkpoint directory, got {getattr(args, flag)}")
     if args.preset and not args.dry_run:
         raise ValueError("--preset only plans memory (--dry-run); training needs --policy/--reward/--prompts")
     divergences.get_estimator(args.estimator)  # unknown names: one line listing the valid ones
@@ -126,8 +138,11 @@ def parse_targets(spec):
 
 def check_sample_args(args):
     """sample.py's flags in range, or one line naming the flag."""
-    for flag, ok, what in (("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, "at least 1"),
-                           ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
+    for flag, ok, what in (("--checkpoint", os.path.isdir(args.checkpoint), "a checkpoint directory"),
+                           ("--adapter", not args.adapter or os.path.isdir(args.adapter), "an adapter directory"),
+                           ("--max-new-tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, "at least 1"),
+                           ("--temperature", RANGES["temperature"][0](args.temperature), RANGES["temperature"][1]),
+                           ("--device", re.fullmatch(r"cpu|cuda(:\d+)?", args.device), "cpu, cuda or cuda:N"),
                            ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
                            ("--batch-size", args.batch_size >= 1, "at least 1"),
                            ("--seed", 0 <= args.seed < 2 ** 63, "in [0, 2**63)"),

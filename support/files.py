@@ -11,30 +11,36 @@ import os
 import tempfile
 
 
-def read_json(path):
-    """The parsed JSON file; a missing or malformed file is one error naming it."""
+def read_json(path, expect=None):
+    """The parsed JSON file; a missing or malformed file, or (expect=dict or list) one of another shape, is one
+    error naming it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found")
+        raise FileNotFoundError(f"{path} not found" + (" (a directory)" if os.path.isdir(path) else ""))
     try:
         with open(path) as f:
-            return json.load(f)
+            out = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from None
+    if expect is not None and not isinstance(out, expect):
+        raise ValueError(f"{path}: expected a JSON {'object' if expect is dict else 'list'}, got "
+                         f"{type(out).__name__ if out is not None else 'null'}")
+    return out
 
 
 def atomic_write(path, write):
     """write(tmp_path), then rename over `path`: readers see the old file or the new one, never half of one.
     The file gets the usual permissions (0666 minus the umask), not mkstemp's 0600."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-" + os.path.basename(path))
+        os.close(fd)
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, Exception):  # e.g. a full disk: one line naming the file
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]

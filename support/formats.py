@@ -192,7 +192,7 @@ def check_shards(path, files):
                                 ".bin": "pytorch_model.bin.index.json"}.get(os.path.splitext(files[0])[1], ""))
     if not os.path.isfile(index):
         return
-    missing = set(read_json(index).get("weight_map", {}).values()) - {os.path.basename(f) for f in files}
+    missing = set(read_json(index, dict).get("weight_map", {}).values()) - {os.path.basename(f) for f in files}
     if missing:
         raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(sorted(missing))}")
 

@@ -508,11 +508,11 @@ def with_flags(*flags):
 
 # case -> (how the good command is spoiled, what the one line must say)
 SAMPLE_BAD = {
-    "no_dir": (lambda ck, a, t: ["--checkpoint", str(t / "nowhere")] + a[2:], "does not exist"),
+    "no_dir": (lambda ck, a, t: ["--checkpoint", str(t / "nowhere")] + a[2:], "--checkpoint must be a checkpoint directory"),
     "too_long": (with_flags("--max-new-tokens", str(CFG.max_seq_len)), "exceeds the context"),
     "bad_record": (prompts_file(json.dumps(["ok", {"input": "no instruction"}])), "record 1"),
     "max_new_tokens_0": (with_flags("--max-new-tokens", "0"), "--max-new-tokens must be at least 1, got 0"),
-    "temperature": (with_flags("--temperature", "-1"), "--temperature must be >= 0"),
+    "temperature": (with_flags("--temperature", "1e-320"), "--temperature must be 0 (greedy) or a finite number >= 0.001"),
     "top_p_0": (with_flags("--top-p", "0"), "--top-p must be in (0, 1]"),
     "batch_size": (with_flags("--batch-size", "0"), "--batch-size must be at least 1"),
     "merge_alone": (with_flags("--merge"), "--merge must be given with --adapter"),
@@ -520,7 +520,7 @@ SAMPLE_BAD = {
     "out_in_no_dir": (lambda ck, a, t: a + ["--out", str(t / "none" / "x.json")], "--out must be in an existing directory"),
     "seed_overflow": (with_flags("--seed", str(10 ** 20)), "--seed must be in [0, 2**63), got 100000000000000000000"),
     "no_cuda": (with_flags("--device", "cuda"), "this machine has no CUDA device"),
-    "bad_device": (with_flags("--device", "gpu0"), "--device 'gpu0' is not a device name"),
+    "bad_device": (with_flags("--device", "mps"), "--device must be cpu, cuda or cuda:N, got mps"),
 }
 
 

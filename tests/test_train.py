@@ -249,13 +249,13 @@ def test_full_fine_tuning(setup, tmp_path, capsys):
 
 def test_a_failed_run_leaves_no_lock_and_no_directory_it_made(setup, tmp_path, capsys):
     import train
-    """A run that fails after claiming OUT (here: a reward model that does not exist) removes OUT/.lock, and OUT
+    """A run that fails after claiming OUT (here: a prompts file that does not exist) removes OUT/.lock, and OUT
     itself when it made it and wrote nothing; an OUT that held the user's files keeps them, without a .lock."""
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
     for out in (tmp_path / "new" / "o", kept):
-        code = train.cli(base_args(setup, out, "--reward", str(tmp_path / "missing")))
+        code = train.cli(base_args(setup, out, "--prompts", str(tmp_path / "missing")))
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and len(err) == 1 and str(tmp_path / "missing") in err[0], err
     assert not (tmp_path / "new" / "o").exists() and (tmp_path / "new").is_dir()  # only what the run made
@@ -513,7 +513,7 @@ def no_weights(d, args, tmp):
 # case -> (how the good command is spoiled, what the one line must say): a few of each kind of bad input
 BAD = {
     # a flag out of its range (every range: test_every_range_check_names_its_flag), or flags that disagree
-    "temperature": (flag("--temperature", "-1"), "--temperature must be a finite number >= 0"),
+    "temperature": (flag("--temperature", "-1"), "--temperature must be 0 (greedy) or a finite number >= 0.001"),
     "kl_nan": (flag("--kl-coef", "nan"), "--kl-coef must be a finite number >= 0"),
     "gamma": (flag("--gamma", "1.5"), "--gamma must be in [0, 1], got 1.5"),
     "estimator": (flag("--estimator", "kll"), "valid names: kl, clamped_kl"),
@@ -590,7 +590,7 @@ def test_every_range_check_names_its_flag():
     import train
     assert set(config.field_docs(train.Args)) == {f.name for f in dataclasses.fields(train.Args)} >= set(config.RANGES)
     assert config.field_docs(train.Args)["estimator"].endswith(": " + ", ".join(divergences.ESTIMATORS))
-    good = ["--policy", "p", "--reward", "r", "--prompts", "x"]
+    good = ["--policy", ROOT, "--reward", ROOT, "--prompts", "x"]  # (directories: checked before any work)
     config.parse(train.Args, train.WORLD, [])
     config.parse(train.Args, train.WORLD, good)
     for flag in ("--eval-prompts", "--tokenizer"):  # files of real checkpoints: never ignored in the small world
@@ -636,7 +636,7 @@ def test_lr_schedule_decays_over_the_papers_horizon():
     n = train.WORLD.steps
     assert [world(s) for s in range(n)] == [min((s + 1) / 5, max(0.0, (n - s) / (n - 5))) for s in range(n)]
     with pytest.raises(ValueError, match="--decay-steps must be at least --steps 1000"):
-        config.parse(train.Args, train.WORLD, ["--policy", "p", "--reward", "r", "--prompts", "x", "--steps", "1000"])
+        config.parse(train.Args, train.WORLD, ["--policy", ROOT, "--reward", ROOT, "--prompts", "x", "--steps", "1000"])
 
 
 class RunsCode:

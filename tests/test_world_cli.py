@@ -52,7 +52,7 @@ def test_world_build_refuses_a_file_as_out(tmp_path, out):
 
 @pytest.mark.parametrize("content, line", [
     ("[1, 2, 3]", "record 0 is not an {instruction, input, output} record with string instruction and output"),
-    ('{"output": "x"}', "not a JSON list of {instruction, input, output} records"),
+    ('{"output": "x"}', "not a non-empty JSON list of {instruction, input, output} records"),
     ('[{"instruction": "Count from 1 to 3.", "input": ""}]', "record 0 is not an {instruction, input, output}"),
     ('[{"instruction": "x", "input": "", "output": "y"', "malformed JSON"),
 ])

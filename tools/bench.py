@@ -51,7 +51,7 @@ import train
 from llama import Llama, generate
 from lora import add_lora, count_parameters
 from reward import RewardModel, ValueModel
-from support import cudagraph, plan
+from support import config, cudagraph, plan
 
 
 def hardware(device):
@@ -266,7 +266,7 @@ def bench_ppo(args, device, dtype):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Generation and training speed of llama.py on random weights.")
+    ap = config.Parser(description="Generation and training speed of llama.py on random weights.")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on GPU")
     ap.add_argument("--preset", default="small")

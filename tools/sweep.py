@@ -23,7 +23,6 @@ The plots need matplotlib (optional: `pip install matplotlib`); without it only 
 """
 import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
 
-import argparse
 import contextlib
 import io
 import json
@@ -426,7 +425,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     argv, extra = argv[:cut], argv[cut + 1:]  # flags after -- go to every train.py run
-    p = argparse.ArgumentParser(description="Sweep the regularizers over seeds; write Table 1 and Figures 1-4.")
+    p = config.Parser(description="Sweep the regularizers over seeds; write Table 1 and Figures 1-4.")
     p.add_argument("--configs", nargs="+", default=DEFAULT, metavar="NAME[@BETA]",
                    help=f"of: {' '.join(CONFIGS)}, each optionally @beta (default: {' '.join(DEFAULT)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])

@@ -13,13 +13,12 @@ tests/test_divergences.py and tests/test_gradients.py assert the numbers printed
 """
 import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 import divergences as D
 import gradients as G
+from support import config
 
 DEMO_SCALES = {"close": 0.1, "medium": 0.5, "far": 2.0}   # true KL ~ 0.005, ~ 0.1, ~ 1.6 nats
 PLACEMENTS = ("reward", "loss")
@@ -137,7 +136,7 @@ def print_gradient_table(scales=DEMO_SCALES, V=4, T=3):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Print the README's tables of the penalties (both by default).")
+    parser = config.Parser(description="Print the README's tables of the penalties (both by default).")
     parser.add_argument("--divergences", action="store_true", help="only what the penalties estimate")
     parser.add_argument("--gradients", action="store_true", help="only what they do to the gradient")
     args = parser.parse_args()

@@ -20,7 +20,6 @@ into place at the end: a killed build is resumed from its last finished stage by
 """
 import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
 
-import argparse
 import math
 import os
 import random
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 import checkpoints
 import llama
 import reward
-from support import files
+from support import config, files
 from support.files import read_json
 from world.preferences import preference_accuracy, train_reward_model
 from world.tasks import TASKS, check, label_pairs, make_splits, mean_se, prefer, win_rate
@@ -452,7 +451,7 @@ def bootstrap(out, seed=0, cfg=None, log=lambda line: print(line, flush=True)):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build the built-in small world (tokenizer, SFT model, reward model, "
+    p = config.Parser(description="Build the built-in small world (tokenizer, SFT model, reward model, "
                                             "prompts); `python -m world.judge` judges outputs with its gold annotator.")
     p.add_argument("--out", default=".world/seed0", help="directory to build into (a no-op when already built)")
     p.add_argument("--seed", type=int, default=0)

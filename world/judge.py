@@ -7,21 +7,21 @@ paired by prompt.
 """
 import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
 
-import argparse
 import os
 import sys
 
+from support import config
 from support.files import read_json
 from world.build import LAYOUT
-from world.tasks import paired_difference, win_rate
+from world.tasks import TASKS, paired_difference, win_rate
 
 
 def read_outputs(file):
     """An AlpacaEval JSON list of {instruction, input, output} records; anything else is one ValueError naming
     the file and the first bad record."""
     outs = read_json(file)
-    if not isinstance(outs, list):
-        raise ValueError(f"{file}: not a JSON list of {{instruction, input, output}} records")
+    if not isinstance(outs, list) or not outs:
+        raise ValueError(f"{file}: not a non-empty JSON list of {{instruction, input, output}} records")
     for i, o in enumerate(outs):
         if not (isinstance(o, dict) and isinstance(o.get("instruction"), str) and isinstance(o.get("output"), str)):
             raise ValueError(f"{file}: record {i} is not an {{instruction, input, output}} record with string "
@@ -34,10 +34,13 @@ def judge(outputs_file, eval_file, baseline_file=None):
     OUT/eval/) for the world's evaluation prompts, and optionally against another such file, paired by prompt."""
     files = [outputs_file] + ([baseline_file] if baseline_file else [])
     outputs = [read_outputs(file) for file in files]  # the files given are checked first, then the world's
-    records = read_json(eval_file)
+    records = read_outputs(eval_file)  # the world's prompts with their reference outputs: the same shape
+    if bad := [i for i, r in enumerate(records) if r.get("task") not in TASKS]:
+        raise ValueError(f"{eval_file}: record {bad[0]} names no task of the world ({', '.join(TASKS)})")
     texts = []
     for file, outs in zip(files, outputs):
-        if [(o["instruction"], o.get("input") or "") for o in outs] != [(r["instruction"], r["input"]) for r in records]:
+        if [(o["instruction"], o.get("input") or "") for o in outs] != [(r["instruction"], r.get("input") or "")
+                                                                        for r in records]:
             raise ValueError(f"{file} does not hold outputs for the prompts of {eval_file}, in their order")
         texts.append([o["output"] for o in outs])
     refs = [r["output"] for r in records]
@@ -50,7 +53,7 @@ def judge(outputs_file, eval_file, baseline_file=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Judge outputs for the small world's held-out prompts with its gold "
+    p = config.Parser(description="Judge outputs for the small world's held-out prompts with its gold "
                                             "annotator.")
     p.add_argument("outputs", help="a train.py OUT/eval/stepNNNN.json")
     p.add_argument("--against", metavar="BASELINE", help="a second outputs file, paired by prompt")
