@@ -99,8 +99,15 @@ def test_ppo_bench_counts_what_each_phase_did():
     assert planned(4, True, 2) < planned(4, False, 2) and planned(2, False, 2) < planned(4, False, 2)
 
 
-@pytest.mark.parametrize("flags, message", [(["--repeats", "0"], "--repeats must be at least 1, got 0"),
-                                            (["--threads", "0"], "--threads must be at least 1, got 0")]
+@pytest.mark.parametrize("flags, message", [(["--repeats", "0"], "--repeats must be positive, got 0"),
+                                            (["--threads", "0"], "--threads must be positive, got 0"),
+                                            (["--batches", "4", "0"], r"--batches must be positive, got \[4, 0\]"),
+                                            (["--budget", "nan"], "--budget must be positive, got nan"),
+                                            (["--device", "tpu3"], "--device 'tpu3' is not a device name"),
+                                            (["--ppo", "--micro-batches", "3", "--step-batch", "8"],
+                                             "--rollout-batch 256 must be a multiple of --step-batch 8"),
+                                            (["--ppo", "--preset", "tiny", "--new-tokens", "1000"],
+                                             "--new-tokens 1000 must be >= 1 and fit the context of 256")]
                          + ([] if torch.cuda.is_available() else
                             [(["--device", "cuda"], "--device cuda: this machine has no CUDA device")]))
 def test_bad_flags_are_refused_before_any_work(flags, message):

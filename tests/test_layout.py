@@ -1,9 +1,12 @@
 """The layout as a reader meets it: the top-level files are the lesson and import only each other (no cycle, nothing
 from tools/ or world/: support/data.py builds the world), and the README fits a screen and runs as shown."""
 import ast
+import importlib
 import os
 import re
 import shlex
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))   # the lesson: llama, lora, ..., train
@@ -121,3 +124,38 @@ def test_the_lesson_fits_its_budget():
     assert not long, f"functions over 60 lines: {long}"
     assert sorted(TOP) == sorted(["llama", "lora", "divergences", "gradients", "reward", "ppo", "train", "sample",
                                   "checkpoints"])
+
+
+ENTRY_POINTS = ("train", "sample", "world.build", "world.judge", "tools.sweep", "tools.bench", "tools.tables")
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_every_entry_point_refuses_an_unknown_flag_in_one_line(module, capsys):
+    """argparse's error, in every script: the one line `prog: error: ...` (exit status 2), not the usage block."""
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "error: " in err, err  # (or a missing required one)
+
+
+@pytest.mark.parametrize("failure, code, line", [
+    (KeyboardInterrupt, 130, "interrupted (SIGINT)\n"),
+    (ValueError("--x must be positive"), 1, "error: --x must be positive\n"),
+    (OSError(28, "No space left on device", "out.json"), 1, "error: [Errno 28] No space left on device: 'out.json'\n"),
+    (BrokenPipeError, 1, ""),  # a closed stdout (`| head`): quietly
+])
+def test_a_tool_ends_in_one_line(failure, code, line, capsys):
+    """support/exits.script, the tools' entry point: Ctrl-C, bad input and a full disk each end in one line."""
+    import signal
+    from support import exits
+
+    def main():
+        raise failure
+    before = signal.getsignal(signal.SIGINT)
+    stdout = os.dup(1)
+    try:
+        assert exits.script(main) == code
+    finally:
+        os.dup2(stdout, 1)  # (the broken-pipe case points fd 1 at /dev/null)
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err == line

@@ -111,6 +111,12 @@ REFUSED = {
     # malformed JSON
     "config_json": ("hf", "config.json", b'{"hidden_size": 64,', "{d}/config.json: malformed JSON (…)"),
     "prompts_json": ("prompts", "p.json", b'["ok", ', "{d}/p.json: malformed JSON (…)"),
+    # JSON of another shape (each was a traceback)
+    "config_a_list": ("hf", "config.json", b"[1, 2]", "{d}/config.json: expected a JSON object, got list"),
+    "params_null": ("meta", "params.json", b"null", "{d}/params.json: expected a JSON object, got null"),
+    "reward_config_text": ("reward", "config.json", b'"hello"', "{d}/config.json: expected a JSON object, got str"),
+    "adapter_config_list": ("adapter", "adapter_config.json", b"[1, 2]",
+                            "{d}/adapter_config.json: expected a JSON object, got list"),
     # a field of the wrong type
     "hidden_size_text": ("hf", "config.json", {"hidden_size": "64"},
                          '{d}/config.json: hidden_size = "64" must be a positive integer'),

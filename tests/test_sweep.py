@@ -227,11 +227,19 @@ def test_bad_input_is_one_line(tmp_path):
     for args, msg in ((["--report-only", "--out", str(tmp_path / "empty")], "no run of"),
                       (["--report-only", "--out", str(tmp_path), "--configs", "kl"], "metrics.jsonl: line 1 is not JSON"),
                       (["--configs", "none@0.1"], "no penalty"),
+                      (["--configs", "kl@-1"], "configuration 'kl@-1': beta must be a finite number >= 0"),
+                      (["--threads", "-5"], "--threads must be at least 1, got -5"),
                       # train.py's checks before any run starts (each used to fail in all 65 runs, one by one)
                       (["--seeds", "-1", "--out", str(tmp_path / "s")], "--seed must be in [0, 2**63), got -1"),
                       (["--out", str(tmp_path / "s"), "--", "--bogus", "1"], "unrecognized arguments: --bogus 1")):
         with pytest.raises(ValueError, match=re.escape(msg)):  # in this process; the command line once below
             sweep.main(args)
+    for line, msg in (('{"step": 0, "eval_win_rate": "abc"}', 'line 1: eval_win_rate is not a number'),
+                      (b'\xff{"step": 0}', "not UTF-8 text")):  # each was a traceback or named no file
+        path = tmp_path / "kl" / "seed0" / "metrics.jsonl"
+        path.write_bytes(line if isinstance(line, bytes) else line.encode())
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {msg}")):
+            sweep.main(["--report-only", "--out", str(tmp_path), "--configs", "kl"])
     p = subprocess.run([sys.executable, "-m", "tools.sweep", "--configs", "none@0.1"], capture_output=True, text=True,
                        cwd=ROOT)
     assert p.returncode == 1 and "no penalty" in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr

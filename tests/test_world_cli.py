@@ -1,6 +1,7 @@
 """The small world's command lines on bad input: one line naming the flag or file, no traceback, nothing left
 behind; and a second build of the same world waits for the first instead of doing the work twice."""
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def main(capsys, module, *args):
     (["--p-hard", "2"], "--p-hard 2.0: must be in [0, 1]"),
     (["--rm-holdout", "1"], "--rm-holdout 1.0: must be in (0, 1)"),
     (["--sft-lr", "nan"], "--sft-lr nan: must be a finite number > 0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),       # was: a whole build, silently
     (["--dim", "63"], "--dim 63: must be a multiple of --n-heads 4"),
     (["--vocab-size", "50", "--n-sft", "100", "--n-pref", "10", "--n-ppo", "10", "--n-eval", "10"],
      "--vocab-size 50: sentencepiece cannot train it on this text (Vocabulary size is smaller than required_chars"),
@@ -61,6 +63,21 @@ def test_world_judge_refuses_bad_outputs_in_one_line(tmp_path, content, line, ca
     r = main(capsys, "world.judge", str(tmp_path / "out.json"))
     assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / 'out.json'}") and line in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("records, line", [
+    ([1, 2], "record 0 is not an {instruction, input, output} record"),
+    ([{"instruction": "x", "input": "", "output": "y"}], "record 0 names no task of the world"),
+    ([], "not a non-empty JSON list"),
+])
+def test_world_judge_refuses_a_bad_world_in_one_line(tmp_path, records, line, capsys):
+    """The world's own evaluation file, checked as the outputs are (each case was a traceback)."""
+    (tmp_path / "w" / "data").mkdir(parents=True)
+    (tmp_path / "w" / "data" / "eval.json").write_text(json.dumps(records))
+    (tmp_path / "out.json").write_text(json.dumps([{"instruction": "x", "input": "", "output": "y"}]))
+    r = main(capsys, "world.judge", str(tmp_path / "out.json"), "--world", str(tmp_path / "w"))
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / 'w' / 'data' / 'eval.json'}") and \
+        line in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_a_second_build_waits_for_the_first(tmp_path):

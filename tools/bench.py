@@ -34,9 +34,13 @@ Run it on an otherwise idle machine (the header and footer print the load averag
 keeps a core busy, every multi-threaded op waits for a descheduled thread, and small ops (LoRA's rank-8
 matmuls, elementwise ops) then cost as much as large ones.
 """
-import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
+import support.exact  # first: the CPU kernels pinned before torch runs one
+
+if __name__ == "__main__":
+    support.exact.quiet_interrupt()  # Ctrl-C while torch loads: one line and status 130
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -51,7 +55,7 @@ import train
 from llama import Llama, generate
 from lora import add_lora, count_parameters
 from reward import RewardModel, ValueModel
-from support import config, cudagraph, plan
+from support import config, cudagraph, exits, plan
 
 
 def hardware(device):
@@ -356,24 +360,38 @@ def bench_training(model, args, device):
 def main(argv=None):
     """The flags, then one benchmark after another: generation with and without the cache, fwd+bwd; or --ppo."""
     args = parse_args(argv)
-    for flag, ok in (("--threads", args.threads is None or args.threads >= 1), ("--repeats", args.repeats >= 1)):
+    for flag, ok in (("--threads", args.threads is None or args.threads >= 1), ("--repeats", args.repeats >= 1),
+                     ("--batches", min(args.batches) >= 1), ("--train-batch", args.train_batch >= 1),
+                     ("--train-len", args.train_len >= 2), ("--rollout-batch", args.rollout_batch >= 1),
+                     ("--step-batch", args.step_batch >= 1), ("--generate-batch", args.generate_batch >= 1),
+                     ("--micro-batches", all(m >= 1 for m in args.micro_batches)),
+                     ("--budget", args.budget > 0 and math.isfinite(args.budget))):
         if not ok:
-            raise ValueError(f"{flag} must be at least 1, got {getattr(args, flag[2:])}")
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise ValueError(f"{flag} must be {'at least 2' if flag == '--train-len' else 'positive'}, got {value}")
+    if args.ppo and (args.rollout_batch % args.step_batch or any(args.step_batch % m for m in args.micro_batches)):
+        raise ValueError(f"--ppo: --rollout-batch {args.rollout_batch} must be a multiple of --step-batch "
+                         f"{args.step_batch}, and that of each of --micro-batches {args.micro_batches}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device name (e.g. cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this machine has no CUDA device")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cfg = plan.get_preset(args.preset)
+    if args.prompt_len < 1 or args.new_tokens < 1 or args.prompt_len + args.new_tokens > cfg.max_seq_len:
+        raise ValueError(f"--prompt-len {args.prompt_len} and --new-tokens {args.new_tokens} must be >= 1 and fit "
+                         f"the context of {cfg.max_seq_len} tokens of preset {args.preset}")
     if args.ppo:
         return bench_ppo(args, device, dtype)
-    cfg = plan.get_preset(args.preset)
     torch.manual_seed(0)
     model = Llama(cfg).to(device=device, dtype=dtype).eval()
     P, N = args.prompt_len, args.new_tokens
-    if P < 1 or N < 1 or P + N > cfg.max_seq_len:
-        raise ValueError(f"--prompt-len {P} and --new-tokens {N} must be >= 1 and fit the context of "
-                         f"{cfg.max_seq_len} tokens of preset {args.preset}")
     print(f"# {hardware(device)}; {args.preset}: {count_parameters(model)[1] / 1e6:.1f}M parameters, "
           f"{str(dtype).removeprefix('torch.')}, best of {args.repeats}; load average {os.getloadavg()[0]:.2f}")
     t_start = time.perf_counter()
@@ -381,8 +399,8 @@ def main(argv=None):
     rows += bench_training(model, args, device)
     print("\n| config | batch | new tokens | seconds | tokens/s | cache speed-up | CPU cores used |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for config, b, n, t, tps, speedup, cores in rows:
-        print(f"| {config} | {b} | {n} | {t:.2f} | {tps:.1f} | {speedup} | {cores:.2f} |")
+    for name, b, n, t, tps, speedup, cores in rows:
+        print(f"| {name} | {b} | {n} | {t:.2f} | {tps:.1f} | {speedup} | {cores:.2f} |")
     for note in notes:
         print(f"\n{note}")
     print(f"\nprompt {P} tokens, temperature 1, top-p 1; total {time.perf_counter() - t_start:.0f} s; "
@@ -390,8 +408,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"tools/bench.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(exits.script(main))

@@ -21,7 +21,10 @@ resumed, so an interrupted sweep continues where it stopped. Then it writes
     DIR/figure1_win_rate.png, figure2_kl_length.png, figure3_overoptimization.png, figure4_beta.png
 The plots need matplotlib (optional: `pip install matplotlib`); without it only the tables are written.
 """
-import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
+import support.exact  # first: the CPU kernels pinned before torch runs one
+
+if __name__ == "__main__":
+    support.exact.quiet_interrupt()  # Ctrl-C while torch loads: one line and status 130
 
 import contextlib
 import io
@@ -29,12 +32,13 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 
 import train
-from support import config
+from support import config, exits
 from world.tasks import mean_se
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,9 +68,12 @@ def parse_config(spec, kl_coef):
             raise ValueError(f"configuration {spec!r}: {name} has no penalty, so no beta")
         return name, 0.0
     try:
-        return name, float(beta) if beta else kl_coef
+        value = float(beta) if beta else kl_coef
     except ValueError:
         raise ValueError(f"configuration {spec!r}: {beta!r} is not a number") from None
+    if not 0 <= value < math.inf:
+        raise ValueError(f"configuration {spec!r}: beta must be a finite number >= 0")
+    return name, value
 
 
 def run_dir(out, spec, seed):
@@ -85,7 +92,11 @@ def read_metrics(run):
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.exists(path):
         return {}
-    lines, out = open(path).read().splitlines(), {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines, out = f.read().splitlines(), {}
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
     for i, line in enumerate(lines):
         try:
             m = json.loads(line)
@@ -95,6 +106,8 @@ def read_metrics(run):
             raise ValueError(f"{path}: line {i + 1} is not JSON") from None
         if not isinstance(m, dict) or not isinstance(m.get("step"), int):
             raise ValueError(f"{path}: line {i + 1} has no integer 'step'")
+        if bad := [k for k, v in m.items() if k.startswith("eval_") and not isinstance(v, (int, float))]:
+            raise ValueError(f"{path}: line {i + 1}: {bad[0]} is not a number")
         out[m["step"]] = m
     return out
 
@@ -136,6 +149,19 @@ def last_line(run):
 def run_all(jobs, n_parallel, threads, every=60.0):
     """jobs: (label, run directory, train.py arguments) to start, n_parallel at a time; returns the failed labels."""
     queue, running, failed, last = list(jobs), [], [], time.time()
+    try:
+        wait_for(queue, running, failed, last, n_parallel, threads, every)
+    except KeyboardInterrupt:  # Ctrl-C: each running train.py stops with its last finished step saved, as alone
+        for _, _, p, _ in running:
+            p.send_signal(signal.SIGINT)
+        for _, _, p, _ in running:
+            p.wait()
+        raise
+    return failed
+
+
+def wait_for(queue, running, failed, last, n_parallel, threads, every):
+    """run_all's loop: start jobs as places free up, report each as it ends, and the running ones every minute."""
     while queue or running:
         while queue and len(running) < n_parallel:
             label, run, args = queue.pop(0)
@@ -156,7 +182,6 @@ def run_all(jobs, n_parallel, threads, every=60.0):
             last = time.time()
             for label, run, _, t0 in running:
                 print(f"{label}: {time.time() - t0:.0f} s | {last_line(run)}", flush=True)
-    return failed
 
 
 def throughput(runs, seconds):
@@ -443,8 +468,9 @@ def main(argv=None):
     owned = [f for f in extra if f.split("=")[0] in OWNED]
     if owned:
         raise ValueError(f"{' '.join(owned)} after --: the sweep sets {', '.join(OWNED)} itself (use its own options)")
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    for flag, value in (("--jobs", args.jobs), ("--threads", args.threads or 1), ("--steps", args.steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file, not a directory of runs")
     for spec, seed in [(spec, s) for s in args.seeds for spec in args.configs]:  # train.py's own checks, before any run
@@ -475,8 +501,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(exits.script(main, "interrupted (SIGINT): the runs stopped with their last finished step saved; the same "
+                                "command resumes them"))

@@ -11,14 +11,19 @@ What they do to the gradient: for a tabular policy (V = 4 tokens, T = 3 steps, a
 penalty in the reward and as a loss, compared with grad KL (grad JS for the JS rows) of the sequence distributions.
 tests/test_divergences.py and tests/test_gradients.py assert the numbers printed.
 """
-import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
+import support.exact  # first: the CPU kernels pinned before torch runs one
+
+if __name__ == "__main__":
+    support.exact.quiet_interrupt()  # Ctrl-C while torch loads: one line and status 130
+
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import divergences as D
 import gradients as G
-from support import config
+from support import config, exits
 
 DEMO_SCALES = {"close": 0.1, "medium": 0.5, "far": 2.0}   # true KL ~ 0.005, ~ 0.1, ~ 1.6 nats
 PLACEMENTS = ("reward", "loss")
@@ -135,14 +140,18 @@ def print_gradient_table(scales=DEMO_SCALES, V=4, T=3):
             print(f"| {name} | {placement} | grad {target} | " + " | ".join(cells) + " |")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = config.Parser(description="Print the README's tables of the penalties (both by default).")
     parser.add_argument("--divergences", action="store_true", help="only what the penalties estimate")
     parser.add_argument("--gradients", action="store_true", help="only what they do to the gradient")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     both = not (args.divergences or args.gradients)
     if args.divergences or both:
         print_divergence_table()
     if args.gradients or both:
         print("\n" if both else "", end="")
         print_gradient_table()
+
+
+if __name__ == "__main__":
+    sys.exit(exits.script(main))

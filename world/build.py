@@ -18,7 +18,10 @@ into place at the end: a killed build is resumed from its last finished stage by
 
     python -m world.build --out .world/seed0 --seed 0   # builds once (minutes on 2 CPU cores); then a no-op
 """
-import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
+import support.exact  # first: the CPU kernels pinned before torch runs one
+
+if __name__ == "__main__":
+    support.exact.quiet_interrupt()  # Ctrl-C while torch loads: one line and status 130
 
 import math
 import os
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 import checkpoints
 import llama
 import reward
-from support import config, files
+from support import config, exits, files
 from support.files import read_json
 from world.preferences import preference_accuracy, train_reward_model
 from world.tasks import TASKS, check, label_pairs, make_splits, mean_se, prefer, win_rate
@@ -460,6 +463,8 @@ def main(argv=None):
         p.add_argument("--" + f.replace("_", "-"), type=type(getattr(WorldConfig, f)), default=getattr(WorldConfig, f))
     args = p.parse_args(argv)
     try:
+        if not 0 <= args.seed < 2 ** 63:
+            raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
         paths = bootstrap(args.out, args.seed, WorldConfig(**{f: getattr(args, f) for f in sizes}))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -470,4 +475,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.script(main))

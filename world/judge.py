@@ -5,12 +5,15 @@ paired by prompt.
 
     python -m world.judge out/run/eval/step0010.json --against out/run/eval/step0000.json
 """
-import support.exact  # noqa: F401  (first: the CPU kernels pinned before torch runs one)
+import support.exact  # first: the CPU kernels pinned before torch runs one
+
+if __name__ == "__main__":
+    support.exact.quiet_interrupt()  # Ctrl-C while torch loads: one line and status 130
 
 import os
 import sys
 
-from support import config
+from support import config, exits
 from support.files import read_json
 from world.build import LAYOUT
 from world.tasks import TASKS, paired_difference, win_rate
@@ -68,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.script(main))
