@@ -183,6 +183,35 @@ def test_sweep_runs_jobs_in_parallel_and_skips_finished_runs(tmp_path, monkeypat
             sweep.main(argv + [owned, "3"])
 
 
+def test_ctrl_c_stops_every_running_run_with_its_step_saved(tmp_path, monkeypatch):
+    """Ctrl-C in the sweep (SIGINT to it alone, or to the whole group) reaches each running train.py as SIGINT,
+    which saves its last finished step, and the sweep waits for them before it ends (it used to leave them running
+    or count them as failed)."""
+    import signal
+    procs = []
+
+    class Proc:
+        returncode = None
+
+        def __init__(self):
+            self.signals, self.waited = [], False
+
+        def poll(self):
+            return None
+
+        def send_signal(self, sig):
+            self.signals.append(sig)
+
+        def wait(self):
+            self.waited = True
+    monkeypatch.setattr(sweep, "start_train", lambda args, run, threads: procs.append(Proc()) or procs[-1])
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: (_ for _ in ()).throw(KeyboardInterrupt))
+    jobs = [(f"[{i}]", str(tmp_path / str(i)), []) for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_all(jobs, 2, 1)
+    assert len(procs) == 2 and all(p.signals == [signal.SIGINT] and p.waited for p in procs)
+
+
 def test_missing_matplotlib_still_writes_the_tables(fake_sweep, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     sweep.report(str(fake_sweep), CONFIGS, 0.02)
