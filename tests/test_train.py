@@ -262,33 +262,38 @@ def test_a_failed_run_leaves_no_lock_and_no_directory_it_made(setup, tmp_path, c
     assert os.listdir(kept) == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("writer", ["json", "safetensors", "adapter"])
-def test_a_full_disk_names_the_file_and_leaves_no_part_of_it(tmp_path, writer):
+def test_a_full_disk_names_the_file_and_leaves_no_part_of_it(tmp_path):
     """Every file the project writes goes through support/files.py: a write that fails for lack of room (here a
-    file-size limit, which fails the write as a full disk does) is one line naming the file; the earlier file is
-    unchanged and no temporary file is left beside it. Controls: the same writes succeed without the limit."""
-    path = tmp_path / ("adapter" if writer == "adapter" else "f")
-    write = {"json": f"files.write_json({str(path)!r}, list(range(2000)))",
-             "safetensors": f"files.save_safetensors({str(path)!r}, {{'w': torch.zeros(2000)}})",
-             "adapter": f"m = llama.Llama(llama.PRESETS['tiny']); lora.add_lora(m); "
-                        f"checkpoints.save_adapter(m, {str(path)!r})"}[writer]
+    file-size limit, which fails the write as a full disk does) is one line naming the file, for JSON, safetensors
+    and a PEFT adapter; the earlier file is unchanged and no temporary file is left beside it. Controls: the same
+    writes succeed without the limit (in this process)."""
+    targets = {"json": tmp_path / "j" / "f.json", "safetensors": tmp_path / "s" / "f.safetensors",
+               "adapter": tmp_path / "a" / "adapter_model.safetensors"}
+    writes = {"json": "files.write_json({!r}, list(range(2000)))",
+              "safetensors": "files.save_safetensors({!r}, {{'w': torch.zeros(2000)}})",
+              "adapter": "m = llama.Llama(llama.PRESETS['tiny']); lora.add_lora(m); checkpoints.save_adapter(m, {!r})"}
+    paths = {k: str(t.parent if k == "adapter" else t) for k, t in targets.items()}
     code = ("import resource, signal, sys, torch; sys.path.insert(0, sys.argv[1])\n"
             "import checkpoints, llama, lora\nfrom support import files\n"
-            "if sys.argv[2] == 'limit':\n"
-            "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-            "    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))\n"
-            f"try:\n    {write}\nexcept OSError as e:\n    print(e)\n")
-    target = path / "adapter_model.safetensors" if writer == "adapter" else path
-    if writer == "adapter":
-        path.mkdir()
-    target.write_bytes(b"earlier")
-    r = subprocess.run([sys.executable, "-c", code, ROOT, "limit"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.count("\n") == 1, (r.stdout, r.stderr)
-    assert r.stdout.startswith(f"could not write {target} (") and r.stdout.strip().endswith(
-        f"any earlier {target.name} is unchanged"), r.stdout
-    assert target.read_bytes() == b"earlier" and os.listdir(target.parent) == [target.name]
-    r = subprocess.run([sys.executable, "-c", code, ROOT, "none"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout == "" and target.stat().st_size > 4000, (r.stdout, r.stderr)
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\nresource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))\n"
+            + "".join(f"try:\n    {writes[k].format(paths[k])}\nexcept OSError as e:\n    print(e)\n" for k in writes))
+    for t in targets.values():
+        t.parent.mkdir()
+        t.write_bytes(b"earlier")
+    r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 3, (r.stdout, r.stderr)
+    for line, t in zip(lines, targets.values()):
+        assert line.startswith(f"could not write {t} (") and line.endswith(f"any earlier {t.name} is unchanged"), line
+        assert t.read_bytes() == b"earlier" and os.listdir(t.parent) == [t.name]
+    import lora
+    from support import files
+    files.write_json(str(targets["json"]), list(range(2000)))
+    files.save_safetensors(str(targets["safetensors"]), {"w": torch.zeros(2000)})
+    m = llama.Llama(llama.PRESETS["tiny"])
+    lora.add_lora(m)
+    checkpoints.save_adapter(m, paths["adapter"])
+    assert all(t.stat().st_size > 4000 for t in targets.values())
 
 
 @pytest.mark.slow
