@@ -209,6 +209,11 @@ def shard_dim(name, parts, shape, file):
 
 
 def check_shape(path, key, tensor, param):
+    """A weight of the config's shape, in floating point: integer tensors (a quantized checkpoint's) would be cast
+    to garbage, so they are refused by name."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"{path}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}, not floating point "
+                         f"(quantized checkpoints are not read)")
     if tuple(tensor.shape) != tuple(param.shape):
         raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config says "
                          f"{tuple(param.shape)} (check config.json / params.json)")

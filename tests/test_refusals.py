@@ -76,6 +76,11 @@ def tensors(edit):
     return spoil
 
 
+def as_int32(target):
+    sd = load_file(str(target))
+    save_file({k: v.to(torch.int32) for k, v in sd.items()}, str(target), metadata={"format": "pt"})
+
+
 def drop_a_vocabulary_row(target):
     shard = torch.load(target, weights_only=True)
     shard["tok_embeddings.weight"] = shard["tok_embeddings.weight"][1:]
@@ -103,6 +108,9 @@ REFUSED = {
     "pickle_runs_code": ("hf", "pytorch_model.bin", pickle_that_runs_code,
                          "{d}/pytorch_model.bin: refused: it holds Python objects besides tensors, which could run "
                          "code when unpickled; expected a state dict of tensors"),
+    "int_weights": ("hf", "model.safetensors", as_int32,  # was: loaded, cast to garbage weights
+                    "{d}: tensor lm_head.weight is int32, not floating point (quantized checkpoints are "
+                    "not read)"),
     "lacks_a_tensor": ("reward", "model.safetensors", tensors({"reward_head.bias": None}),
                        "{d}: checkpoint lacks 1 of the tensors the config needs, e.g. reward_head.bias"),
     "tokenizer_garbage": ("tok", "tokenizer.model", bytes(range(256)),
