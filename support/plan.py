@@ -163,7 +163,9 @@ def training_device_peak(args, checkpointing, w=2):
     """The planned peak bytes of the training device (either placement) at args.micro_batch_size: what
     use_checkpointing (below) compares with the device's memory to decide on activation checkpointing."""
     pcfg, rcfg, n = build(args)
-    return training_weights(n, rcfg, w) + max(phase_bytes(pcfg, args, w, args.micro_batch_size, checkpointing))
+    full = args.finetune == "full"  # (then the one-device figure: the reference and reward model counted too)
+    return training_weights(n, rcfg, w, full) + max(phase_bytes(pcfg, args, 4 if full else w, args.micro_batch_size,
+                                                                checkpointing))
 
 
 def print_plan(args, devices):
@@ -218,6 +220,6 @@ def print_plan(args, devices):
 def use_checkpointing(args, device):
     """--activation-checkpointing if given; otherwise on where the plan says that without it the update would
     not fit the CUDA device's memory."""
-    if args.activation_checkpointing is not None or device.type != "cuda" or args.finetune == "full":  # (no plan)
+    if args.activation_checkpointing is not None or device.type != "cuda":
         return bool(args.activation_checkpointing)
     return training_device_peak(args, False) > torch.cuda.get_device_properties(device).total_memory

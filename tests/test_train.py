@@ -423,6 +423,12 @@ def test_dry_run_7b_full_fine_tuning(capsys):
     assert row("one-device")[-2:] == [f"{(head * 4 + (2 * sft + 4097) * 2) / 2**30:.2f}",
                                       f"{trainable * 16 / 2**30:.2f}"]
     assert f"({trainable * 16 / 2**30:.2f} GiB: fp32 weights, gradients and Adam's moments) needs 3 GPUs of 80 GB" in out
+    # the automatic activation checkpointing decides on the same figure the plan prints (micro-batch 16)
+    from support import plan
+    args = dataclasses.replace(train.Args(), preset="llama-7b", dry_run=True, finetune="full")
+    peaks = {r.split()[3]: r.split()[-1] for r in out.splitlines() if r.startswith("one-device   cuda:0") and
+             r.split()[2] == "16"}
+    assert peaks == {c: f"{plan.training_device_peak(args, c == 'on') / 2**30:.2f}" for c in ("off", "on")}, peaks
 
 
 def test_dry_run_activation_estimate_against_autograd():
