@@ -177,16 +177,16 @@ def load_models(args, devices, log):
     dev, dtype = devices[0], torch.bfloat16 if devices[0].type == "cuda" else torch.float32
     full = args.finetune == "full"
     lora_kw = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lora_dtype=torch.float32,
-                   targets=config.parse_targets(args.lora_targets), full=full)
+                   targets=config.parse_targets(args.lora_targets))
     frozen = lambda m: m.requires_grad_(False).eval()
     policy = checkpoints.load_llama(args.policy, dev, torch.float32 if full else dtype)
     if not full:
-        lora.add_lora(policy, **{k: v for k, v in lora_kw.items() if k != "full"})
+        lora.add_lora(policy, **lora_kw)
     if len(devices) == 2 or full:  # a fully fine-tuned policy keeps no copy of the SFT weights: the reference is one
         ref = frozen(checkpoints.load_llama(args.policy, devices[-1], dtype))
         reward_model = frozen(checkpoints.load_reward_model(args.reward, devices[-1], dtype))
         value = ValueModel(checkpoints.load_reward_model(args.reward, dev, policy.output.weight.dtype).backbone,
-                           **lora_kw)
+                           **lora_kw, full=full)
     else:
         ref, reward_model = None, frozen(checkpoints.load_reward_model(args.reward, dev, dtype))
         value = ValueModel(reward_model.backbone, **lora_kw)
