@@ -175,7 +175,7 @@ def test_a_worker_stops_when_its_launcher_dies(setup, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                           os.path.join(ROOT, "train.py"), *base_args(setup, out, "--steps", "50", "--save-every", "100")],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for_step(out, 1, p)
+    wait_for_step(out, 2, p)  # (step 1 is then the last finished step: its metrics line precedes its snapshot)
     worker = int((out / ".lock").read_text())  # rank 0 holds OUT's lock
     assert worker != p.pid
     p.kill()  # kill -9 of torchrun: it forwards nothing
