@@ -43,8 +43,7 @@ class RewardModel(nn.Module):
 
 
 class ValueModel(nn.Module):
-    """V(x, y_<t): backbone (from the reward model) + its own LoRA (or, full=True, every weight trains) + a new fp32
-    scalar head."""
+    """V(x, y_<t): backbone (from the reward model) + its own LoRA (full=True: all of it trains) + a new fp32 head."""
 
     def __init__(self, backbone, rank=8, alpha=64, dropout=0.1, lora_dtype=None, targets=("wq", "wk", "wv", "wo"),
                  full=False):

@@ -20,16 +20,16 @@ if __name__ == "__main__":
 
 import argparse
 import os
-import signal
 import sys
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 import checkpoints
 import ppo
 from llama import Tokenizer, alpaca_prompt, generate, left_pad
 from lora import count_parameters, merge_lora
-from support import config
+from support import config, exits
 
 
 def parse_args(argv=None):
@@ -67,12 +67,6 @@ def respond(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0
         yield ids, [tokenizer.decode(r).strip() for r in ids]
 
 
-def right_pad(seqs, pad_id=0):  # token lists -> tokens, mask (B, N), padded on the right as generate returns them
-    N = max(len(s) for s in seqs)
-    return torch.tensor([s + [pad_id] * (N - len(s)) for s in seqs]), torch.tensor([[1] * len(s) + [0] * (N - len(s))
-                                                                                   for s in seqs])
-
-
 @torch.no_grad()
 def evaluate(policy, ref, reward_model, tokenizer, records, max_new_tokens, batch_size, world=None, out_file=None,
              generator_name=None, generate_batch_size=None):
@@ -87,7 +81,9 @@ def evaluate(policy, ref, reward_model, tokenizer, records, max_new_tokens, batc
         responses, texts = responses + ids, texts + batch_texts
     for i in range(0, len(prompts), batch_size):
         tokens, mask = left_pad(prompts[i:i + batch_size], tokenizer.pad_id)                      # (b, P)
-        out, out_mask = right_pad(responses[i:i + batch_size], tokenizer.pad_id)                  # (b, N)
+        chunk = [torch.tensor(r) for r in responses[i:i + batch_size]]  # right-padded, as generate returns them:
+        out = pad_sequence(chunk, batch_first=True, padding_value=tokenizer.pad_id)                 # (b, N)
+        out_mask = pad_sequence([torch.ones_like(r) for r in chunk], batch_first=True)              # (b, N)
         tokens, mask, out, out_mask = (x.to(ppo.device_of(policy)) for x in (tokens, mask, out, out_mask))
         full, full_mask = torch.cat([tokens, out], 1), torch.cat([mask, out_mask], 1)
         _, _, true_kl, _ = ppo.policy_and_reference(policy, ref, full, full_mask, out, out_mask, tokens.shape[1], 1.0)
@@ -146,17 +142,9 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main(), with bad input ending in one line on stderr and exit status 1 (130 after Ctrl-C)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is a KeyboardInterrupt again
-    try:
-        main(argv)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # an --out being written is left whole or not at all (atomic)
-        print("interrupted (SIGINT)", file=sys.stderr)
-        return 130
-    return 0
+    """main(), with bad input ending in one line on stderr and exit status 1 (130 after Ctrl-C; an --out being
+    written is left whole or not at all)."""
+    return exits.script(lambda: main(argv))
 
 
 if __name__ == "__main__":

@@ -147,8 +147,7 @@ class Args:
     update would not fit the CUDA device without it)"""
 
 
-# the built-in small world: small batches, a higher learning rate, room for responses to grow past ~75 tokens, its
-# 500 held-out prompts decoded in one batch (a tiny model's decoding step costs about as much for 500 rows as for 32)
+# the built-in small world: small batches, a higher lr, room to grow past ~75 tokens, its 500 eval prompts in one batch
 WORLD = dataclasses.replace(Args(), rollout_batch_size=64, step_batch_size=32, micro_batch_size=32, lr=5e-4, steps=10,
                             decay_steps=None, max_new_tokens=96, max_prompt_tokens=64, eval_every=5,
                             generate_batch_size=512)
