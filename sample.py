@@ -130,7 +130,7 @@ def main(argv=None):
 
     outputs = []
     for _, texts in respond(model, tokenizer, prompts, n_new, args.batch_size, args.temperature, args.top_p,
-                             generator):
+                            generator):
         for r, text in zip(records[len(outputs):], texts):
             outputs.append(text)
             print(f"### {r['instruction']}" + (f"\n### Input: {r['input']}" if r["input"] else "") + f"\n{text}\n",
