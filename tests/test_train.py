@@ -147,7 +147,9 @@ def test_ctrl_c_saves_the_last_step_and_resume_is_exact(setup, uninterrupted, tm
     step = torch.load(part / "checkpoint" / "state.pt", weights_only=True)["step"]
     line = f"interrupted (SIGINT): the checkpoint of step {step} is in {part}/checkpoint (--resume continues from it)"
     ours = [l for l in err.splitlines() if not l.startswith(("W", "I", " ", "Traceback", "torch."))]
-    assert step >= 2 and ours == [line], err  # (torchrun adds its own report of the signal)
+    # step >= 1: only Ctrl-C can have saved it (--save-every 100). Not >= 2: a step's metrics line is written before
+    # the step becomes the last finished one, so Ctrl-C just after step 2's line may save step 1 (resume redoes 2)
+    assert step >= 1 and ours == [line], err  # (torchrun adds its own report of the signal)
     r = run(base_args(setup, part, "--steps", "4", "--resume"))
     assert r.returncode == 0, r.stderr
     assert_same_run(uninterrupted, part)
