@@ -188,3 +188,29 @@ def test_readme_table():
         for key in [("kl", "loss"), ("negative_kl", "loss"), ("none", "reward"), ("none", "loss")]:
             rel, size, cos = got[(pair, *key)]
             assert rel == pytest.approx(1.0, abs=TOL) and size < TOL and cos is None, (pair, key)
+
+
+@pytest.mark.parametrize("pair,scale", PAIRS)
+def test_pull_is_how_fast_a_penalty_step_lowers_the_true_kl(pair, scale):
+    """The pull of a penalty in the reward, checked by finite differences of the exact sequence KL: a step of -eps g
+    (g its expected gradient) lowers the KL by eps (g . grad KL) = eps * pull * |grad KL|^2, to first order."""
+    y, logits, ref_logits, g_kl = setup(scale)
+    kl_at = lambda theta: G.true_divergence("KL", theta, ref_logits, y).item()
+    eps = 1e-6
+    for name in ("kl", "squared", "js", "negative_kl"):
+        g = G.in_reward(name, logits, ref_logits, y)
+        with torch.no_grad():  # central difference: error O(eps^2)
+            drop = (kl_at(logits + eps * g) - kl_at(logits - eps * g)) / (2 * eps)  # KL(θ) - KL(θ - eps g), / eps
+        assert tables.pull(g, g_kl) == pytest.approx(drop / (g_kl.flatten() @ g_kl.flatten()).item(), abs=1e-6), name
+
+
+def test_readme_pull_table():
+    """The pull table as printed: js pulls 20-110 times less than kl per unit beta, squared nearly as hard as kl when
+    far (what orders Table 1 at one beta); kl exactly 1, none 0."""
+    printed = {"kl": (1.000, 1.000, 1.000), "clamped_kl": (0.521, 0.578, 0.758), "bregman": (0.010, 0.052, 0.267),
+               "squared": (0.012, 0.100, 0.865), "js": (0.009, 0.027, 0.046), "js_unbiased": (0.002, 0.007, 0.004),
+               "none": (0, 0, 0), "negative_kl": (-1, -1, -1)}
+    got = tables.pull_table()
+    for name, want in printed.items():
+        assert all(abs(a - b) <= 5e-4 for a, b in zip(got[name], want)), name
+    assert all(abs(v - 1.0) <= TOL for v in got["kl"])

@@ -123,6 +123,25 @@ def gradient_table(scales=DEMO_SCALES, V=4, T=3):
     return pairs, rows
 
 
+def pull(g, g_kl):
+    """How hard a penalty's expected gradient g pulls the policy toward the reference, per unit beta: its component
+    along grad KL in units of grad KL, (g . grad KL) / |grad KL|^2. A step of -lr beta g lowers the sequence KL by
+    lr beta |grad KL|^2 times this, to first order: 1 for `kl` in the reward, whatever the direction of the rest."""
+    g, g_kl = g.flatten(), g_kl.flatten()
+    return (g @ g_kl / (g_kl @ g_kl)).item()
+
+
+def pull_table(scales=DEMO_SCALES, V=4, T=3):
+    """{estimator: [pull in the reward, per pair]}: what sets each penalty's strength at one beta."""
+    y, out = G.sequences(V, T), {name: [] for name in D.ESTIMATORS}
+    for scale in scales.values():
+        logits, ref_logits = demo_policy(scale, V, T)
+        g_kl = G.grad(G.true_divergence("KL", logits, ref_logits, y), logits)
+        for name in D.ESTIMATORS:
+            out[name].append(pull(G.in_reward(name, logits, ref_logits, y), g_kl))
+    return out
+
+
 def print_gradient_table(scales=DEMO_SCALES, V=4, T=3):
     pairs, rows = gradient_table(scales, V, T)
     print(f"tabular policy, V = {V} tokens, T = {T} steps: exact sums over {V ** T} sequences")
@@ -138,6 +157,11 @@ def print_gradient_table(scales=DEMO_SCALES, V=4, T=3):
                 rel = 0.0 if rel < 1e-12 else rel                     # exact zeros, not rounding noise
                 cells.append(f"{rel:.3f} | {size:.3f} | " + ("n/a" if cos is None else f"{cos:+.3f}"))
             print(f"| {name} | {placement} | grad {target} | " + " | ".join(cells) + " |")
+    print("\nPull toward the reference per unit beta, in the reward (Eq. 3): the expected gradient's component along "
+          "grad KL, in units of grad KL (what sets a penalty's strength at one beta; the cosine above sets only its "
+          "direction)\n\n| estimator | " + " | ".join(scales) + " |\n|---|" + "---:|" * len(scales))
+    for name, values in pull_table(scales, V, T).items():
+        print(f"| {name} | " + " | ".join(f"{v:+.3f}" for v in values) + " |")
 
 
 def main(argv=None):
