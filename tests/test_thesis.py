@@ -98,13 +98,43 @@ def test_claims_table_pairs_within_worlds(tmp_path):
                              greedy_kl=0.0, sampled_kl=float(arm == "full"), score=0.0, length=30.0,
                              accuracy=50.0 - step / 10))
     lines = thesis.claims_table(rows)
-    row = {line.split(" | ")[0][2:] + " / " + line.split(" | ")[1]: line for line in lines if line.startswith("| ")}
-    assert "+0.0 ± 0.0 |" in row["2. what the KL penalty does, lora / final win rate, kl@0.1 - none (points)"]
-    full = row["2. what the KL penalty does, full / final win rate, kl@0.1 - none (points)"]
+    row = {line.split(" | ")[0][2:] + " / " + line.split(" | ")[2]: line for line in lines if line.startswith("| ")}
+    assert "+0.0 ± 0.0 |" in row["2. penalty not needed, lora / final win, kl@0.1 - none"]
+    full = row["2. penalty not needed, full / final win, kl@0.1 - none"]
     assert f"+3.0 ± {statistics.stdev([6, 6, -3]) / math.sqrt(3):.1f} | 2/3 worlds |" in full
-    assert "-1.00 ± 0.00" in row["2. does LoRA hold the policy near the reference? / final sampled KL without penalty, "
-                                 "lora - full (nats)"]
-    assert "-6.0 ± 0.0 | 3/3 worlds" in row["3. factuality after PPO, full none / accuracy, final - SFT (points)"]
+    assert "| not run |" in full and "| -1.5 (46.7 vs 48.2) |" in row["2. penalty not needed, lora / final win, "
+                                                                      "kl@0.1 - none"]
+    assert "-1.00 ± 0.00" in row["2. LoRA holds the policy near / sampled KL (nats), none, lora - full"]
+    assert "-6.0 ± 0.0 | 3/3 worlds" in row["3. PPO costs factuality, full none / accuracy, final - SFT"]
     thesis.report(rows, str(tmp_path))
     assert "## The paper's claims, paired" in open(tmp_path / "tables.md").read()
 
+
+@pytest.mark.parametrize("text,what", [("", "header"), ("world,arm\n0,full\n", "header"),
+                                       (",".join(thesis.FIELDS) + "\n0,full,x,none,0,0,1,1,1,1,1,1\n", "line 2"),
+                                       (",".join(thesis.FIELDS) + "\n0,full,1e-3,none,0\n", "line 2")])
+def test_a_malformed_csv_is_refused_by_name(tmp_path, text, what):
+    path = tmp_path / "runs.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"runs.csv: .*{what}"):
+        thesis.read_csv(str(path))
+    with pytest.raises(ValueError, match="no such file"):
+        thesis.read_csv(str(tmp_path / "absent.csv"))
+
+
+def test_the_committed_results_match_the_code():
+    """docs/thesis/runs.csv, the committed evaluations: each arm's LR is the one its grid runs chose, every run of
+    the experiments is there to its last step, and the README's claims rows are the table they make."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = thesis.read_csv(os.path.join(root, "docs", "thesis", "runs.csv"))
+    for arm in thesis.ARMS:
+        assert thesis.grid_choice(rows, arm) == thesis.LR[arm], arm
+        assert min(thesis.GRID[arm]) < thesis.LR[arm] < max(thesis.GRID[arm]), f"{arm}: the choice is at the edge"
+    done = {(r["world"], r["arm"], r["lr"], r["config"], r["seed"]) for r in rows if r["step"] == thesis.STEPS}
+    for name in ("lr", "main", "ranks"):
+        assert set(thesis.experiment(name)) <= done, name
+    claims = set(thesis.claims_table(rows))
+    with open(os.path.join(root, "README.md")) as f:
+        readme = [line for line in f.read().splitlines() if line.startswith(("| 1. ", "| 2. ", "| 3. "))]
+    assert len(readme) >= 4
+    assert not [line for line in readme if line not in claims], "README claims rows differ from the committed runs"

@@ -36,9 +36,9 @@ from world.tasks import mean_se
 # all seven projections ("LoRA Without Regret")
 ARMS = {"full": ["--finetune", "full"], "lora": [], "lora-r1": ["--lora-rank", "1"],
         "lora-r64": ["--lora-rank", "64"], "lora-all": ["--lora-targets", "all"]}
-GRID = {"full": [1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3], "lora-r1": [1e-4, 3e-4, 1e-3],
-        "lora-r64": [1e-3, 3e-3, 1e-2], "lora-all": [3e-4, 1e-3, 3e-3]}  # each arm's learning rates tried by `lr`
-LR = {"full": 3e-4, "lora": 1e-3, "lora-r1": 3e-4, "lora-r64": 3e-3, "lora-all": 1e-3}  # what `lr` chose: each
+GRID = {"full": [3e-5, 1e-4, 3e-4, 1e-3], "lora": [1e-4, 3e-4, 1e-3, 3e-3], "lora-r1": [1e-4, 3e-4, 1e-3],
+        "lora-r64": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "lora-all": [1e-4, 3e-4, 1e-3, 3e-3]}  # each arm's learning rates tried by `lr`
+LR = {"full": 1e-4, "lora": 3e-4, "lora-r1": 3e-4, "lora-r64": 3e-4, "lora-all": 3e-4}  # what `lr` chose: each
 # arm's highest peak gold win rate (tables.md, first table)
 CONFIGS = ["none", "kl@0.1"]  # no penalty, and the KL penalty at the beta that leads the world's Table 1
 MAIN, RANKS = ["full", "lora"], ["lora-r1", "lora-r64", "lora-all"]  # `main` runs both configs, `ranks` only none
@@ -126,9 +126,21 @@ def write_csv(path, rows):
 
 
 def read_csv(path):
-    with open(path, newline="") as f:
-        return [{k: (v if k in ("arm", "config") else float(v) if k == "lr" or "." in v or "e" in v else int(v))
-                 for k, v in r.items()} for r in csv.DictReader(f)]
+    """The rows write_csv wrote; anything else is refused naming the file and line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file (`python -m tools.thesis report` writes it from the runs)")
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != FIELDS:
+            raise ValueError(f"{path}: the header is not {','.join(FIELDS)}")
+        for i, r in enumerate(reader, 2):
+            try:
+                rows.append({k: v if k in ("arm", "config") else int(v) if k in ("world", "seed", "step") else
+                             float(v) for k, v in r.items()})
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: line {i} is not a row of {len(FIELDS)} numbers and names") from None
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -198,15 +210,18 @@ def grid_choice(rows, arm):
 
 
 def grid_table(rows):
-    lines = ["| arm | lr | best win rate (%) at step | final win rate (%) | final greedy KL | final sampled KL |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| arm | lr | best win rate (%) at step | final win rate (%) | final greedy KL | final sampled KL | "
+             "final accuracy (%) |", "|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         for lr, mine in sorted(grid_runs(rows, arm).items()):
             best, last = max(mine, key=lambda r: r["win_rate"]), mine[-1]
             chosen = " (chosen)" if lr == LR[arm] else ""
             lines.append(f"| {arm} | {lr:g}{chosen} | {best['win_rate']:.1f} at {best['step']} | "
-                         f"{last['win_rate']:.1f} | {last['greedy_kl']:.2f} | {last['sampled_kl']:.2f} |")
-    return lines + ["", "World 0, PPO seed 0, no penalty, one run per cell: the grid chooses, it does not measure."]
+                         f"{last['win_rate']:.1f} | {last['greedy_kl']:.2f} | {last['sampled_kl']:.2f} | "
+                         f"{last['accuracy']:.1f} |")
+    sft = [r["accuracy"] for r in rows if (r["world"], r["step"]) == (0, 0)][:1]
+    return lines + ["", "World 0, PPO seed 0, no penalty, one run per cell: the grid chooses, it does not measure."
+                    + "".join(f" The SFT policy's accuracy: {a:.1f}%." for a in sft)]
 
 
 def main_table(rows):
@@ -237,36 +252,45 @@ def main_table(rows):
 
 
 def claims_table(rows):
-    """The paper's claims as paired differences within a world (same world, seed and prompts)."""
+    """The paper's claims as paired differences within a world (same world, seed and prompts), beside the paper's
+    own number where it ran the comparison (its full fine-tuning: AlpacaFarm's released PPO checkpoint)."""
     def final(arm, c, field="win_rate"):
         return at(rows, arm, c, field)
-    lines = ["| question | difference | mean ± SE | holds in |", "|---|---|---|---|"]
+    lines = ["| claim | paper | difference | world: mean ± SE | holds in |", "|---|---|---|---|---|"]
 
-    def add(question, what, a, b, digits=1):
+    def add(question, paper, what, a, b, digits=1):
         if a and b and a.keys() & b.keys():
-            lines.append(f"| {question} | {what} | {fmt(paired(a, b), digits, sign=True)} | {worlds_agree(a, b)} |")
+            lines.append(f"| {question} | {paper} | {what} | {fmt(paired(a, b), digits, sign=True)} | "
+                         f"{worlds_agree(a, b)} |")
 
-    add("1. LoRA vs full fine-tuning, with the KL penalty", "final win rate, lora - full (points)",
-        final("lora", "kl@0.1"), final("full", "kl@0.1"))
-    add("1. ... without a penalty", "final win rate, lora - full (points)", final("lora", "none"),
-        final("full", "none"))
-    for arm in MAIN:
-        add(f"2. what the KL penalty does, {arm}", "final win rate, kl@0.1 - none (points)",
-            final(arm, "kl@0.1"), final(arm, "none"))
+    best = {(arm, c): at(rows, arm, c, "win_rate", best_step(rows, arm, c)) for arm in MAIN for c in CONFIGS
+            if at(rows, arm, c, "win_rate")}
+    for c, paper in (("kl@0.1", "+0.8 (47.5 vs 46.7)"), ("none", "not run")):
+        add(f"1. LoRA ≥ full, {c}", paper, "final win, lora - full", final("lora", c), final("full", c))
+        add(f"1. LoRA ≥ full, {c}", paper, "best-step win, lora - full", best.get(("lora", c)),
+            best.get(("full", c)))
+    for arm, paper in (("lora", "-1.5 (46.7 vs 48.2)"), ("full", "not run")):
+        add(f"2. penalty not needed, {arm}", paper, "final win, kl@0.1 - none", final(arm, "kl@0.1"),
+            final(arm, "none"))
     effect = {arm: {k: final(arm, "kl@0.1")[k] - final(arm, "none")[k]
                     for k in final(arm, "kl@0.1").keys() & final(arm, "none").keys()} for arm in MAIN}
-    add("2. does LoRA make the penalty unneeded?", "penalty's effect, full - lora (points)", effect["full"],
-        effect["lora"])
-    add("2. does LoRA hold the policy near the reference?", "final sampled KL without penalty, lora - full (nats)",
+    add("2. LoRA replaces the penalty", "not run", "penalty's gain, full - lora", effect["full"], effect["lora"])
+    add("2. LoRA holds the policy near", "conjecture", "sampled KL (nats), none, lora - full",
         final("lora", "none", "sampled_kl"), final("full", "none", "sampled_kl"), 2)
+    papers = {("full", "kl@0.1"): "-5.2 (34.5 vs 39.7)", ("full", "none"): "not run",
+              ("lora", "kl@0.1"): "-0.3 (39.4 vs 39.7)", ("lora", "none"): "-1.3 (38.4 vs 39.7)"}
     for arm in MAIN:
         for c in CONFIGS:
-            add(f"3. factuality after PPO, {arm} {c}", "accuracy, final - SFT (points)", final(arm, c, "accuracy"),
-                at(rows, arm, c, "accuracy", 0))
-    add("3. does LoRA keep more of it?", "final accuracy without penalty, lora - full (points)",
-        final("lora", "none", "accuracy"), final("full", "none", "accuracy"))
-    return lines + ["", "Paired by (world, seed): the difference within each run pair, averaged over seeds per world; "
-                    "mean ± SE over the worlds. Holds in: the worlds whose mean difference has the overall sign."]
+            add(f"3. PPO costs factuality, {arm} {c}", papers[arm, c], "accuracy, final - SFT",
+                final(arm, c, "accuracy"), at(rows, arm, c, "accuracy", 0))
+    for c, paper in (("kl@0.1", "+4.9 (39.4 vs 34.5)"), ("none", "not run")):
+        add(f"3. LoRA keeps more, {c}", paper, "final accuracy, lora - full", final("lora", c, "accuracy"),
+            final("full", c, "accuracy"))
+    return lines + ["", "Win rates and accuracy in points, KL in nats per response. Paper: its difference, from its "
+                    "Table 1 (win rate against text-davinci-003) and Table 2 (FActScore); its penalty is the clamped "
+                    "KL at beta 0.02, ours the KL at beta 0.1, the world's best (both equal there). Paired by (world, "
+                    "seed): the difference within each run pair, averaged over seeds per world; mean ± SE over the "
+                    "worlds. Holds in: the worlds whose mean difference has the overall sign."]
 
 
 def fraction(arm):
