@@ -110,6 +110,19 @@ def test_claims_table_pairs_within_worlds(tmp_path):
     assert "## The paper's claims, paired" in open(tmp_path / "tables.md").read()
 
 
+def test_win_rate_within_a_kl_budget():
+    """The best win rate among a run's evaluations inside the budget, by hand: step 0 always counts, a later and
+    higher win rate beyond the budget does not."""
+    lr = thesis.LR["lora"]
+    evals = {(0, 0): [(0, 30.0, 0.0), (10, 36.0, 0.4), (20, 40.0, 1.5)], (1, 0): [(0, 28.0, 0.0), (10, 25.0, 3.0)]}
+    rows = [dict(world=w, arm="lora", lr=lr, config="none", seed=s, step=step, win_rate=win, sampled_kl=kl)
+            for (w, s), rs in evals.items() for step, win, kl in rs]
+    rows.append(dict(rows[2], lr=lr * 10, sampled_kl=0.0, win_rate=99.0))  # another learning rate: not this arm's
+    assert thesis.within(rows, "lora", "none", 1.0) == {(0, 0): 36.0, (1, 0): 28.0}
+    assert thesis.within(rows, "lora", "none", 2.0) == {(0, 0): 40.0, (1, 0): 28.0}
+    assert thesis.within(rows, "lora", "none", 0.0) == {(0, 0): 30.0, (1, 0): 28.0}
+
+
 @pytest.mark.parametrize("text,what", [("", "header"), ("world,arm\n0,full\n", "header"),
                                        (",".join(thesis.FIELDS) + "\n0,full,x,none,0,0,1,1,1,1,1,1\n", "line 2"),
                                        (",".join(thesis.FIELDS) + "\n0,full,1e-3,none,0\n", "line 2")])

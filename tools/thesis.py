@@ -5,7 +5,7 @@ with and without the KL penalty, on several worlds (each its own SFT policy and 
     python -m tools.thesis lr          # the learning-rate grid: each arm without penalty, world 0, seed 0
     python -m tools.thesis main        # full and LoRA, each at its lr x {no penalty, KL beta 0.1} x worlds x seeds
     python -m tools.thesis ranks       # LoRA at rank 1, rank 64 and on all projections, no penalty, worlds x seeds
-    python -m tools.thesis report      # re-read the runs: docs/thesis/runs.csv, docs/thesis/tables.md, the figure
+    python -m tools.thesis report      # re-read the runs: docs/thesis/runs.csv, docs/thesis/tables.md, the figures
 
 An arm is how PPO trains the policy and the value model: `full` (every weight, `--finetune full`) or `lora` (rank 8
 on the attention projections, the paper's). Each run is the sweep's: `python train.py --estimator E --kl-coef B
@@ -36,11 +36,16 @@ from world.tasks import mean_se
 # all seven projections ("LoRA Without Regret")
 ARMS = {"full": ["--finetune", "full"], "lora": [], "lora-r1": ["--lora-rank", "1"],
         "lora-r64": ["--lora-rank", "64"], "lora-all": ["--lora-targets", "all"]}
+# each arm's learning rates tried by `lr`, each choice with a tried rate on either side
 GRID = {"full": [3e-5, 1e-4, 3e-4, 1e-3], "lora": [1e-4, 3e-4, 1e-3, 3e-3], "lora-r1": [1e-4, 3e-4, 1e-3],
-        "lora-r64": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "lora-all": [1e-4, 3e-4, 1e-3, 3e-3]}  # each arm's learning rates tried by `lr`
+        "lora-r64": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "lora-all": [1e-4, 3e-4, 1e-3, 3e-3]}
 LR = {"full": 1e-4, "lora": 3e-4, "lora-r1": 3e-4, "lora-r64": 3e-4, "lora-all": 3e-4}  # what `lr` chose: each
 # arm's highest peak gold win rate (tables.md, first table)
 CONFIGS = ["none", "kl@0.1"]  # no penalty, and the KL penalty at the beta that leads the world's Table 1
+# the paper's JS beside the KL at matched KL (LoRA): with `main`'s none and kl@0.1, each penalty at beta 0 and two
+# betas spanning the same KL range (JS pulls 20-110x less per unit beta, so its betas are 25x the KL's)
+JS = ["kl@0.02", "js@0.5", "js@2.5"]
+BUDGETS, BUDGET = [0.5, 1.0, 2.0], 1.0  # nats of sampled KL: the frontier's budgets, and the one the claims use
 MAIN, RANKS = ["full", "lora"], ["lora-r1", "lora-r64", "lora-all"]  # `main` runs both configs, `ranks` only none
 WORLDS, SEEDS, STEPS, EVAL_EVERY = [0, 1, 2], [0, 1, 2], 60, 10
 FIELDS = ["world", "arm", "lr", "config", "seed", "step", "win_rate", "greedy_kl", "sampled_kl", "score", "length",
@@ -48,11 +53,11 @@ FIELDS = ["world", "arm", "lr", "config", "seed", "step", "win_rate", "greedy_kl
 
 
 def experiment(name):
-    """(world, arm, lr, config, seed) of the runs of `lr` or `main`, seed-major: a cut-off run still spans the
-    worlds."""
+    """(world, arm, lr, config, seed) of the runs of `lr`, `main`, `ranks` or `js`, seed-major: a cut-off run still
+    spans the worlds."""
     if name == "lr":
         return [(0, arm, lr, "none", 0) for arm in ARMS for lr in GRID[arm]]
-    arms, configs = (MAIN, CONFIGS) if name == "main" else (RANKS, CONFIGS[:1])
+    arms, configs = {"main": (MAIN, CONFIGS), "ranks": (RANKS, CONFIGS[:1]), "js": (["lora"], JS)}[name]
     return [(w, arm, LR[arm], c, s) for s in SEEDS for w in WORLDS for arm in arms for c in configs]
 
 
@@ -175,6 +180,17 @@ def best_step(rows, arm, config):
     return max(steps, key=lambda s: nested(at(rows, arm, config, "win_rate", s))[0])
 
 
+def within(rows, arm, config, budget):
+    """{(world, seed): the run's best gold win rate among its evaluations whose sampled KL is at most `budget` nats}:
+    the win rate a KL budget buys (Gao et al. 2022's frontier; step 0, at KL 0, always counts; chosen on the
+    evaluation prompts, so it flatters every arm alike)."""
+    out = {}
+    for r in rows:
+        if r["arm"] == arm and r["config"] == config and r["lr"] == LR[arm] and r["sampled_kl"] <= budget:
+            out[r["world"], r["seed"]] = max(out.get((r["world"], r["seed"]), -1.0), r["win_rate"])
+    return out
+
+
 def paired(a, b):
     """Mean ± nested SE of a - b over the (world, seed) pairs both have: the same world, seed and prompts."""
     return nested({k: a[k] - b[k] for k in a.keys() & b.keys()})
@@ -274,6 +290,9 @@ def claims_table(rows):
             final(arm, "none"))
     effect = {arm: {k: final(arm, "kl@0.1")[k] - final(arm, "none")[k]
                     for k in final(arm, "kl@0.1").keys() & final(arm, "none").keys()} for arm in MAIN}
+    for c in CONFIGS:
+        add(f"1. LoRA ≥ full, {c}, ≤ {BUDGET:g} nat", "not run", "best win within the KL, lora - full",
+            within(rows, "lora", c, BUDGET), within(rows, "full", c, BUDGET))
     add("2. LoRA replaces the penalty", "not run", "penalty's gain, full - lora", effect["full"], effect["lora"])
     add("2. LoRA holds the policy near", "conjecture", "sampled KL (nats), none, lora - full",
         final("lora", "none", "sampled_kl"), final("full", "none", "sampled_kl"), 2)
@@ -291,6 +310,22 @@ def claims_table(rows):
                     "KL at beta 0.02, ours the KL at beta 0.1, the world's best (both equal there). Paired by (world, "
                     "seed): the difference within each run pair, averaged over seeds per world; mean ± SE over the "
                     "worlds. Holds in: the worlds whose mean difference has the overall sign."]
+
+
+def budget_table(rows):
+    """Each arm's best win rate within budgets of sampled KL: what a nat of distance from the reference buys."""
+    head = " | ".join(f"≤ {b:g} nats (%)" for b in BUDGETS)
+    lines = [f"| arm | penalty | {head} | vs full at ≤ {BUDGET:g} |", "|---|---|" + "---|" * len(BUDGETS) + "---|"]
+    for arm in sorted(ARMS, key=fraction):
+        for c in CONFIGS:
+            if not at(rows, arm, c, "win_rate"):
+                continue
+            mine, full = within(rows, arm, c, BUDGET), within(rows, "full", c, BUDGET)
+            vs = f"{fmt(paired(mine, full), sign=True)} ({worlds_agree(mine, full)})" if arm != "full" and full else ""
+            lines.append(f"| {arm} | {c} | " + " | ".join(fmt(nested(within(rows, arm, c, b))) for b in BUDGETS) +
+                         f" | {vs} |")
+    return lines + ["", "Per run, the highest win rate among its evaluations (every 10 steps) whose sampled KL is "
+                    "within the budget; mean ± SE over the worlds' means; vs full: paired by (world, seed) in points."]
 
 
 def fraction(arm):
@@ -378,6 +413,7 @@ def report(rows, out):
             "## The learning-rate grid", ""] + grid_table(rows) + \
            ["", "## Each arm at its learning rate", ""] + main_table(rows) + \
            ["", "## The paper's claims, paired", ""] + claims_table(rows) + \
+           ["", "## Win rate within a KL budget", ""] + budget_table(rows) + \
            ["", "## LoRA's trainable fraction as the variable (no penalty)", ""] + ranks_table(rows)
     with open(os.path.join(out, "tables.md"), "w") as f:
         f.write("\n".join(text) + "\n")
@@ -388,12 +424,12 @@ def report(rows, out):
 def main(argv=None):
     p = config.Parser(description="Full fine-tuning beside LoRA, with and without the KL penalty, over worlds and "
                                   "seeds (the paper's thesis in the small world).")
-    p.add_argument("what", choices=["lr", "main", "ranks", "report"])
+    p.add_argument("what", choices=["lr", "main", "ranks", "js", "report"])
     p.add_argument("--out", default="runs/thesis", help="the runs' directory")
     p.add_argument("--docs", default="docs/thesis", help="where runs.csv, tables.md and the figure go")
     p.add_argument("--from-csv", action="store_true", help="report: read DOCS/runs.csv instead of the runs")
     args = p.parse_args(argv)
-    every = experiment("lr") + experiment("main") + experiment("ranks")
+    every = experiment("lr") + experiment("main") + experiment("ranks") + experiment("js")
     failed = [] if args.what == "report" else run(args.out, experiment(args.what))
     csv_path = os.path.join(args.docs, "runs.csv")
     if args.from_csv:
