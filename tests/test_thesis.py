@@ -1,6 +1,7 @@
 """tools/thesis.py without training: the nested standard error and the paired differences against a hand
 computation, the runs it plans (each a valid train.py command in its own directory), the CSV's sampled KL and its
 round trip, and the claims table on synthetic runs."""
+import importlib.util
 import json
 import math
 import os
@@ -27,7 +28,8 @@ def test_nested_se_is_the_se_of_the_world_means():
 def test_runs_are_valid_train_commands_in_distinct_directories(tmp_path):
     for name, n in (("lr", sum(map(len, thesis.GRID.values()))),
                     ("main", len(thesis.MAIN) * len(thesis.CONFIGS) * len(thesis.WORLDS) * len(thesis.SEEDS)),
-                    ("ranks", len(thesis.RANKS) * len(thesis.WORLDS) * len(thesis.SEEDS))):
+                    ("ranks", len(thesis.RANKS) * len(thesis.WORLDS) * len(thesis.SEEDS)),
+                    ("js", len(thesis.JS) * len(thesis.WORLDS) * len(thesis.SEEDS))):
         runs = thesis.experiment(name)
         assert len(runs) == n == len(set(runs))
         dirs = [thesis.run_args(str(tmp_path), *key)[0] for key in runs]
@@ -41,6 +43,7 @@ def test_runs_are_valid_train_commands_in_distinct_directories(tmp_path):
             assert ("--lora-rank" in targs) == (key[1] in ("lora-r1", "lora-r64"))
     assert {k[0] for k in thesis.experiment("main")} == set(thesis.WORLDS)
     assert not set(thesis.experiment("main")) & set(thesis.experiment("ranks"))
+    assert not set(thesis.experiment("main")) & set(thesis.experiment("js"))
 
 
 def test_trainable_fractions_as_train_prints_them():
@@ -108,6 +111,8 @@ def test_claims_table_pairs_within_worlds(tmp_path):
     assert "-6.0 ± 0.0 | 3/3 worlds" in row["3. PPO costs factuality, full none / accuracy, final - SFT"]
     thesis.report(rows, str(tmp_path))
     assert "## The paper's claims, paired" in open(tmp_path / "tables.md").read()
+    if importlib.util.find_spec("matplotlib"):  # .ci/run installs it
+        assert all((tmp_path / f).stat().st_size > 10_000 for f in ("full_vs_lora.png", "js_vs_kl.png"))
 
 
 def test_win_rate_within_a_kl_budget():
@@ -121,6 +126,23 @@ def test_win_rate_within_a_kl_budget():
     assert thesis.within(rows, "lora", "none", 1.0) == {(0, 0): 36.0, (1, 0): 28.0}
     assert thesis.within(rows, "lora", "none", 2.0) == {(0, 0): 40.0, (1, 0): 28.0}
     assert thesis.within(rows, "lora", "none", 0.0) == {(0, 0): 30.0, (1, 0): 28.0}
+
+
+def test_a_penalty_at_matched_kl_is_its_best_beta_within_the_budget():
+    """frontier() by hand: per (world, seed), the best of the penalty's runs (beta 0 included) inside the budget; the
+    other penalty's runs and a pair missing one of the betas do not count."""
+    lr = thesis.LR["lora"]
+    runs = {("none", 0): [(0, 30.0, 0.0), (60, 33.0, 2.5)], ("kl@0.1", 0): [(0, 30.0, 0.0), (60, 38.0, 0.6)],
+            ("kl@0.02", 0): [(0, 30.0, 0.0), (60, 36.0, 0.9)], ("js@2.5", 0): [(0, 30.0, 0.0), (60, 45.0, 0.5)],
+            ("none", 1): [(0, 28.0, 0.0)]}
+    rows = [dict(world=0, arm="lora", lr=lr, config=c, seed=s, step=step, win_rate=win, sampled_kl=kl)
+            for (c, s), rs in runs.items() for step, win, kl in rs]
+    assert thesis.frontier(rows, "kl", 1.0) == {(0, 0): 38.0}
+    assert thesis.frontier(rows, "kl", 0.8) == {(0, 0): 38.0}
+    assert thesis.frontier(rows, "kl", 0.5) == {(0, 0): 30.0}
+    assert thesis.frontier(rows, "kl", 3.0) == {(0, 0): 38.0}
+    assert thesis.frontier(rows, "js", 0.5) == {(0, 0): 45.0}  # seed 1 lacks js@2.5; js@0.5 never ran
+    assert thesis.frontier(rows, "js", 0.4) == {(0, 0): 30.0}
 
 
 @pytest.mark.parametrize("text,what", [("", "header"), ("world,arm\n0,full\n", "header"),
@@ -144,7 +166,7 @@ def test_the_committed_results_match_the_code():
         assert thesis.grid_choice(rows, arm) == thesis.LR[arm], arm
         assert min(thesis.GRID[arm]) < thesis.LR[arm] < max(thesis.GRID[arm]), f"{arm}: the choice is at the edge"
     done = {(r["world"], r["arm"], r["lr"], r["config"], r["seed"]) for r in rows if r["step"] == thesis.STEPS}
-    for name in ("lr", "main", "ranks"):
+    for name in ("lr", "main", "ranks", "js"):
         assert set(thesis.experiment(name)) <= done, name
     claims = set(thesis.claims_table(rows))
     with open(os.path.join(root, "README.md")) as f:

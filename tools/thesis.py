@@ -191,6 +191,15 @@ def within(rows, arm, config, budget):
     return out
 
 
+def frontier(rows, estimator, budget):
+    """{(world, seed): the best win rate within the budget over LoRA's runs with the penalty at any of its betas,
+    beta 0 (no penalty) included}: a penalty judged at matched KL, not at matched beta."""
+    configs = ["none"] + [c for c in CONFIGS + JS if c.startswith(estimator + "@")]
+    runs = [r for r in (within(rows, "lora", c, budget) for c in configs) if r]  # the betas that ran
+    keys = set.intersection(*(set(r) for r in runs)) if runs else set()
+    return {k: max(r[k] for r in runs) for k in keys}
+
+
 def paired(a, b):
     """Mean ± nested SE of a - b over the (world, seed) pairs both have: the same world, seed and prompts."""
     return nested({k: a[k] - b[k] for k in a.keys() & b.keys()})
@@ -293,6 +302,8 @@ def claims_table(rows):
     for c in CONFIGS:
         add(f"1. LoRA ≥ full, {c}, ≤ {BUDGET:g} nat", "not run", "best win within the KL, lora - full",
             within(rows, "lora", c, BUDGET), within(rows, "full", c, BUDGET))
+    add(f"Table 1. JS ≥ KL, ≤ {BUDGET:g} nat", "+3.1 (49.8 vs 46.7)", "best win within the KL, js - kl",
+        frontier(rows, "js", BUDGET), frontier(rows, "kl", BUDGET))
     add("2. LoRA replaces the penalty", "not run", "penalty's gain, full - lora", effect["full"], effect["lora"])
     add("2. LoRA holds the policy near", "conjecture", "sampled KL (nats), none, lora - full",
         final("lora", "none", "sampled_kl"), final("full", "none", "sampled_kl"), 2)
@@ -326,6 +337,28 @@ def budget_table(rows):
                          f" | {vs} |")
     return lines + ["", "Per run, the highest win rate among its evaluations (every 10 steps) whose sampled KL is "
                     "within the budget; mean ± SE over the worlds' means; vs full: paired by (world, seed) in points."]
+
+
+def js_table(rows):
+    """LoRA with the paper's JS beside the KL: each beta's run, then each penalty's frontier at matched KL."""
+    head = " | ".join(f"≤ {b:g} nats (%)" for b in BUDGETS)
+    lines = [f"| LoRA, penalty | final win rate (%) | final sampled KL | {head} |",
+             "|---|---|---|" + "---|" * len(BUDGETS)]
+    for c in ["none", "kl@0.02", "kl@0.1", "js@0.5", "js@2.5"]:
+        if at(rows, "lora", c, "win_rate"):
+            lines.append(f"| {c} | {fmt(nested(at(rows, 'lora', c, 'win_rate')))} | "
+                         f"{fmt(nested(at(rows, 'lora', c, 'sampled_kl')), 2)} | " +
+                         " | ".join(fmt(nested(within(rows, "lora", c, b))) for b in BUDGETS) + " |")
+    for est in ("kl", "js"):
+        if frontier(rows, est, BUDGET):
+            lines.append(f"| {est}, best beta within the budget | | | " +
+                         " | ".join(fmt(nested(frontier(rows, est, b))) for b in BUDGETS) + " |")
+    if frontier(rows, "js", BUDGET) and frontier(rows, "kl", BUDGET):
+        lines.append("| js - kl, paired | | | " + " | ".join(
+            f"{fmt(paired(frontier(rows, 'js', b), frontier(rows, 'kl', b)), sign=True)}" for b in BUDGETS) + " |")
+    return lines + ["", "LoRA at lr 3e-4, 60 steps; each penalty at beta 0 and two betas spanning the same range of KL "
+                    "(JS's 25 times the KL's). A frontier cell: per run pair, the best win rate within the budget over "
+                    "the penalty's betas; mean ± SE over the worlds' means."]
 
 
 def fraction(arm):
@@ -375,14 +408,16 @@ def figure(plt, rows, out, lines, name):
     """Win rate over steps, sampled KL over steps, and win rate against sampled KL, one line per (arm, config)."""
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4))
     colors = dict(zip(ARMS, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")))
-    for arm, c in lines:
+    one_arm = len({arm for arm, _ in lines}) == 1  # then the colour tells the configurations apart
+    for i, (arm, c) in enumerate(lines):
         steps, win, se = curves(rows, arm, c, "win_rate")
         if not steps:
             continue
-        style = dict(ls="--" if c == "none" else "-", color=colors[arm], label=f"{arm} (lr {LR[arm]:g}), {c}")
+        color = f"C{i}" if one_arm else colors[arm]
+        style = dict(ls="--" if c == "none" else "-", color=color, label=f"{arm} (lr {LR[arm]:g}), {c}")
         left.plot(steps, win, **style)
         left.fill_between(steps, [m - s for m, s in zip(win, se)], [m + s for m, s in zip(win, se)],
-                          color=colors[arm], alpha=0.15)
+                          color=color, alpha=0.15)
         kl = curves(rows, arm, c, "sampled_kl")[1]
         mid.plot(steps, kl, **style)
         right.plot(kl, win, marker="o", ms=3, **style)
@@ -406,6 +441,7 @@ def figures(rows, out):
         return print("figures skipped: matplotlib is not installed (pip install matplotlib)")
     figure(plt, rows, out, [(arm, c) for arm in MAIN for c in CONFIGS], "full_vs_lora.png")
     figure(plt, rows, out, [(arm, "none") for arm in sorted(ARMS, key=fraction)], "trainable_fraction.png")
+    figure(plt, rows, out, [("lora", c) for c in ["none", "kl@0.02", "kl@0.1", "js@0.5", "js@2.5"]], "js_vs_kl.png")
 
 
 def report(rows, out):
@@ -414,6 +450,7 @@ def report(rows, out):
            ["", "## Each arm at its learning rate", ""] + main_table(rows) + \
            ["", "## The paper's claims, paired", ""] + claims_table(rows) + \
            ["", "## Win rate within a KL budget", ""] + budget_table(rows) + \
+           ["", "## The paper's JS beside the KL, at matched KL (LoRA)", ""] + js_table(rows) + \
            ["", "## LoRA's trainable fraction as the variable (no penalty)", ""] + ranks_table(rows)
     with open(os.path.join(out, "tables.md"), "w") as f:
         f.write("\n".join(text) + "\n")
