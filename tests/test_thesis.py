@@ -23,6 +23,8 @@ def test_nested_se_is_the_se_of_the_world_means():
     assert thesis.paired(values, b)[0] == pytest.approx(0.0, abs=1e-12)
     assert thesis.worlds_agree(values, {k: 0.0 for k in values}) == "3/3 worlds"
     assert thesis.worlds_agree({k: v - 2.5 for k, v in values.items()}, {k: 0.0 for k in values}) == "1/3 worlds"
+    tie = {k: v - (2.0 if k[0] == 0 else 0.0) for k, v in values.items()}  # world 0's mean difference is 0 (a tie)
+    assert thesis.worlds_agree(tie, {k: 0.0 for k in values}) == "2/3 worlds"
 
 
 def test_runs_are_valid_train_commands_in_distinct_directories(tmp_path):
@@ -78,16 +80,16 @@ def test_csv_rows_sampled_kl_and_round_trip(tmp_path):
     r = next(r for r in rows if r["step"] == 20 and (r["world"], r["arm"], r["seed"]) == (1, "full", 2)
              and r["config"] == "kl@0.1")
     m = lines[(1, "full", thesis.LR["full"], "kl@0.1", 2)]
-    assert r["sampled_kl"] == pytest.approx(sum(m[k]["true_kl"] for k in range(16, 21)) / 5, rel=1e-12)
-    assert r["win_rate"] == pytest.approx(100 * m[20]["eval_win_rate"], rel=1e-12)
+    assert r["sampled_kl"] == pytest.approx(sum(m[k]["true_kl"] for k in range(16, 21)) / 5, rel=1e-5)
+    assert r["win_rate"] == pytest.approx(100 * m[20]["eval_win_rate"], rel=1e-5)
     assert next(r for r in rows if r["step"] == 0)["sampled_kl"] == 0.0
     thesis.write_csv(str(tmp_path / "docs" / "runs.csv"), rows)
     back = thesis.read_csv(str(tmp_path / "docs" / "runs.csv"))
     assert [(r["world"], r["arm"], r["lr"], r["config"], r["seed"], r["step"]) for r in back] == \
            [(r["world"], r["arm"], r["lr"], r["config"], r["seed"], r["step"]) for r in rows]
-    for a, b in zip(back, rows):
-        for f in ("win_rate", "greedy_kl", "sampled_kl", "score", "length", "accuracy"):
-            assert a[f] == pytest.approx(b[f], rel=1e-5)
+    assert back == rows  # the runs' values are stored as the CSV stores them: the tables from either are the same
+    assert thesis.budget_table(back) == thesis.budget_table(rows) and thesis.claims_table(back) == \
+        thesis.claims_table(rows)
 
 
 def test_claims_table_pairs_within_worlds(tmp_path):

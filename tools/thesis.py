@@ -115,10 +115,16 @@ def rows_of(out, runs):
         for step in sorted(k for k, v in m.items() if "eval_win_rate" in v):
             rollouts = [m[k]["true_kl"] for k in range(step - 4, step + 1) if k in m and "true_kl" in m[k]]
             e = m[step]
-            rows.append(dict(zip(FIELDS, [*key[:4], key[4], step, 100 * e["eval_win_rate"], e["eval_true_kl"],
-                                          sum(rollouts) / len(rollouts) if rollouts else 0.0, e["eval_score"],
-                                          e["eval_length"], 100 * e["eval_accuracy"]])))
+            values = [100 * e["eval_win_rate"], e["eval_true_kl"], sum(rollouts) / len(rollouts) if rollouts else 0.0,
+                      e["eval_score"], e["eval_length"], 100 * e["eval_accuracy"]]
+            rows.append(dict(zip(FIELDS, [*key[:4], key[4], step] + [stored(v) for v in values])))
     return rows
+
+
+def stored(v):
+    """A value as runs.csv stores it (6 significant digits), so that the tables from the runs and from the CSV are
+    the same to the last digit."""
+    return float(f"{v:.6g}")
 
 
 def write_csv(path, rows):
@@ -213,10 +219,12 @@ def fmt(ms, digits=1, sign=False):
 
 
 def worlds_agree(a, b):
-    """'k/n worlds': in how many worlds the mean paired difference a - b has the sign of the overall mean."""
+    """'k/n worlds': in how many worlds the mean paired difference a - b has the sign of the overall mean (a world
+    with no difference agrees with neither sign)."""
     diff = {k: a[k] - b[k] for k in a.keys() & b.keys()}
     overall, pw = nested(diff)[0], per_world(diff)
-    return f"{sum((d > 0) == (overall > 0) for d in pw.values())}/{len(pw)} worlds" if pw else ""
+    sign = lambda x: 0 if abs(x) < 1e-9 else (1 if x > 0 else -1)  # a tie (to float noise) has no sign
+    return f"{sum(sign(d) == sign(overall) != 0 for d in pw.values())}/{len(pw)} worlds" if pw else ""
 
 
 def grid_runs(rows, arm):
