@@ -5,6 +5,7 @@ with and without the KL penalty, on several worlds (each its own SFT policy and 
     python -m tools.thesis lr          # the learning-rate grid: each arm without penalty, world 0, seed 0
     python -m tools.thesis main        # full and LoRA, each at its lr x {no penalty, KL beta 0.1} x worlds x seeds
     python -m tools.thesis ranks       # LoRA at rank 1, rank 64 and on all projections, no penalty, worlds x seeds
+    python -m tools.thesis js          # LoRA with the paper's JS beside the KL, each at two betas, worlds x seeds
     python -m tools.thesis report      # re-read the runs: docs/thesis/runs.csv, docs/thesis/tables.md, the figures
 
 An arm is how PPO trains the policy and the value model: `full` (every weight, `--finetune full`) or `lora` (rank 8
@@ -197,11 +198,15 @@ def within(rows, arm, config, budget):
     return out
 
 
+def betas(estimator):
+    """The configurations of LoRA's runs with this penalty, by beta ("kl" -> ["kl@0.02", "kl@0.1"])."""
+    return sorted((c for c in CONFIGS + JS if c.startswith(estimator + "@")), key=lambda c: float(c.split("@")[1]))
+
+
 def frontier(rows, estimator, budget):
     """{(world, seed): the best win rate within the budget over LoRA's runs with the penalty at any of its betas,
     beta 0 (no penalty) included}: a penalty judged at matched KL, not at matched beta."""
-    configs = ["none"] + [c for c in CONFIGS + JS if c.startswith(estimator + "@")]
-    runs = [r for r in (within(rows, "lora", c, budget) for c in configs) if r]  # the betas that ran
+    runs = [r for r in (within(rows, "lora", c, budget) for c in ["none"] + betas(estimator)) if r]  # those that ran
     keys = set.intersection(*(set(r) for r in runs)) if runs else set()
     return {k: max(r[k] for r in runs) for k in keys}
 
@@ -252,9 +257,9 @@ def grid_table(rows):
             lines.append(f"| {arm} | {lr:g}{chosen} | {best['win_rate']:.1f} at {best['step']} | "
                          f"{last['win_rate']:.1f} | {last['greedy_kl']:.2f} | {last['sampled_kl']:.2f} | "
                          f"{last['accuracy']:.1f} |")
-    sft = [r["accuracy"] for r in rows if (r["world"], r["step"]) == (0, 0)][:1]
-    return lines + ["", "World 0, PPO seed 0, no penalty, one run per cell: the grid chooses, it does not measure."
-                    + "".join(f" The SFT policy's accuracy: {a:.1f}%." for a in sft)]
+    note = "World 0, PPO seed 0, no penalty, one run per cell: the grid chooses, it does not measure."
+    sft = [r["accuracy"] for r in rows if (r["world"], r["step"]) == (0, 0)]
+    return lines + ["", note + (f" The SFT policy's accuracy: {sft[0]:.1f}%." if sft else "")]
 
 
 def main_table(rows):
@@ -352,7 +357,7 @@ def js_table(rows):
     head = " | ".join(f"≤ {b:g} nats (%)" for b in BUDGETS)
     lines = [f"| LoRA, penalty | final win rate (%) | final sampled KL | {head} |",
              "|---|---|---|" + "---|" * len(BUDGETS)]
-    for c in ["none", "kl@0.02", "kl@0.1", "js@0.5", "js@2.5"]:
+    for c in ["none"] + betas("kl") + betas("js"):
         if at(rows, "lora", c, "win_rate"):
             lines.append(f"| {c} | {fmt(nested(at(rows, 'lora', c, 'win_rate')))} | "
                          f"{fmt(nested(at(rows, 'lora', c, 'sampled_kl')), 2)} | " +
@@ -364,9 +369,9 @@ def js_table(rows):
     if frontier(rows, "js", BUDGET) and frontier(rows, "kl", BUDGET):
         lines.append("| js - kl, paired | | | " + " | ".join(
             f"{fmt(paired(frontier(rows, 'js', b), frontier(rows, 'kl', b)), sign=True)}" for b in BUDGETS) + " |")
-    return lines + ["", "LoRA at lr 3e-4, 60 steps; each penalty at beta 0 and two betas spanning the same range of KL "
-                    "(JS's 25 times the KL's). A frontier cell: per run pair, the best win rate within the budget over "
-                    "the penalty's betas; mean ± SE over the worlds' means."]
+    return lines + ["", f"LoRA at lr {LR['lora']:g}, {STEPS} steps; each penalty at beta 0 and two betas spanning the "
+                    "same range of KL (JS's 25 times the KL's). A frontier cell: per run pair, the best win rate "
+                    "within the budget over the penalty's betas; mean ± SE over the worlds' means."]
 
 
 def fraction(arm):
@@ -449,7 +454,7 @@ def figures(rows, out):
         return print("figures skipped: matplotlib is not installed (pip install matplotlib)")
     figure(plt, rows, out, [(arm, c) for arm in MAIN for c in CONFIGS], "full_vs_lora.png")
     figure(plt, rows, out, [(arm, "none") for arm in sorted(ARMS, key=fraction)], "trainable_fraction.png")
-    figure(plt, rows, out, [("lora", c) for c in ["none", "kl@0.02", "kl@0.1", "js@0.5", "js@2.5"]], "js_vs_kl.png")
+    figure(plt, rows, out, [("lora", c) for c in ["none"] + betas("kl") + betas("js")], "js_vs_kl.png")
 
 
 def report(rows, out):
@@ -471,7 +476,7 @@ def main(argv=None):
                                   "seeds (the paper's thesis in the small world).")
     p.add_argument("what", choices=["lr", "main", "ranks", "js", "report"])
     p.add_argument("--out", default="runs/thesis", help="the runs' directory")
-    p.add_argument("--docs", default="docs/thesis", help="where runs.csv, tables.md and the figure go")
+    p.add_argument("--docs", default="docs/thesis", help="where runs.csv, tables.md and the figures go")
     p.add_argument("--from-csv", action="store_true", help="report: read DOCS/runs.csv instead of the runs")
     args = p.parse_args(argv)
     every = experiment("lr") + experiment("main") + experiment("ranks") + experiment("js")
